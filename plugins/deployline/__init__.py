@@ -1,0 +1,1 @@
+"""Deployline: a continuous-delivery deployment pipeline for AWS applications, as Airflow DAGs."""

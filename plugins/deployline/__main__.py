@@ -1,0 +1,5 @@
+import sys
+
+from deployline.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""A small client of Airflow's REST API (``/api/v2``), as a user or a script drives it."""
+
+from __future__ import annotations
+
+import time
+
+import requests
+
+
+class AirflowApiError(RuntimeError):
+    pass
+
+
+class AirflowApi:
+    def __init__(self, base_url: str, username: str, password: str, timeout: float = 30):
+        self.base = base_url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+        response = self.session.post(
+            f"{self.base}/auth/token", json={"username": username, "password": password}, timeout=timeout
+        )
+        if not response.ok:
+            raise AirflowApiError(f"login as {username!r} failed: {response.status_code} {response.text[:200]}")
+        self.session.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
+
+    def request(self, method: str, path: str, **kwargs) -> dict:
+        response = self.session.request(method, f"{self.base}/api/v2{path}", timeout=self.timeout, **kwargs)
+        if not response.ok:
+            raise AirflowApiError(f"{method} {path}: {response.status_code} {response.text[:500]}")
+        return response.json() if response.content else {}
+
+    def get(self, path: str, **params) -> dict:
+        return self.request("GET", path, params=params)
+
+    def dag_ids(self) -> list[str]:
+        return [d["dag_id"] for d in self.get("/dags", limit=1000)["dags"]]
+
+    def import_errors(self) -> list[dict]:
+        return self.get("/importErrors")["import_errors"]
+
+    def trigger(self, dag_id: str, conf: dict | None = None, run_id: str | None = None) -> dict:
+        body = {"logical_date": None, "conf": conf or {}}
+        if run_id:
+            body["dag_run_id"] = run_id
+        return self.request("POST", f"/dags/{dag_id}/dagRuns", json=body)
+
+    def runs(self, dag_id: str) -> list[dict]:
+        return self.get(f"/dags/{dag_id}/dagRuns", limit=100, order_by="-run_after")["dag_runs"]
+
+    def run(self, dag_id: str, run_id: str) -> dict:
+        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
+
+    def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict]:
+        items = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=1000)["task_instances"]
+        return {ti["task_id"]: ti for ti in items}
+
+    def set_task_state(self, dag_id: str, run_id: str, task_id: str, state: str, note: str | None = None) -> dict:
+        body = {"new_state": state}
+        if note is not None:
+            body["note"] = note
+        return self.request("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}", json=body)
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 600, interval: float = 2) -> dict:
+        """Wait until the run is finished (success or failed); returns it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.run(dag_id, run_id)
+            if run["state"] in ("success", "failed"):
+                return run
+            time.sleep(interval)
+        raise AirflowApiError(f"{dag_id} run {run_id} did not finish within {timeout:.0f}s")

@@ -1,0 +1,200 @@
+"""Pipeline configuration: ``include/pipelines/<app>.yaml`` validated into typed settings.
+
+Errors name the file, the field and the problem, so that a broken file shows up
+in the Airflow UI as an import error a person can act on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Where the pipeline configs live; tests and other deployments point elsewhere.
+PIPELINES_DIR_ENV = "DEPLOYLINE_PIPELINES_DIR"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_PIPELINES_DIR = PROJECT_ROOT / "include" / "pipelines"
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = r"^[a-z][a-z0-9_]{0,62}$"
+
+
+class PipelineConfigError(ValueError):
+    """A pipeline config file is unreadable or invalid; the message names file, field and problem."""
+
+
+def _valid_glob(pattern: str) -> str:
+    import pathspec
+
+    if not pattern.strip():
+        raise ValueError("empty glob")
+    try:
+        pathspec.PathSpec.from_lines("gitwildmatch", [pattern])
+    except Exception as exc:
+        raise ValueError(f"bad glob {pattern!r}: {exc}") from exc
+    return pattern
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Repository(_Strict):
+    url: str = Field(min_length=1, description="Any git URL: local path, file://, https://, ssh://")
+    branch: str = Field(default="main", min_length=1)
+    conn_id: str | None = Field(
+        default=None, description="Airflow connection holding login/password (token) for https"
+    )
+
+
+class Polling(_Strict):
+    schedule: str = Field(default="*/5 * * * *", description="cron for <app>_commit_poll")
+    poke_interval: Annotated[int, Field(ge=1, le=3600)] = 30
+    # How long one poll run keeps looking for a new commit before it ends as skipped.
+    timeout: Annotated[int, Field(ge=0, le=86400)] = 240
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        from croniter import croniter
+
+        if not croniter.is_valid(value):
+            raise ValueError(f"not a valid cron expression: {value!r}")
+        return value
+
+
+class Step(_Strict):
+    command: str = Field(min_length=1)
+    timeout: Annotated[int, Field(gt=0, le=24 * 3600)] = 900
+
+
+class CommitStage(_Strict):
+    workdir: str = Field(default=".", description="folder inside the checkout where commands run")
+    build: Step
+    unit_test: Step
+    static_analysis: Step
+    artifact: str = Field(min_length=1, description="glob, relative to workdir, matching one file")
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("workdir")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        if Path(value).is_absolute() or ".." in Path(value).parts:
+            raise ValueError(f"must be a path inside the checkout, got {value!r}")
+        return value
+
+
+class Aws(_Strict):
+    conn_id: str = "aws_default"
+    region: str = Field(default="us-east-1", pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")
+    artifact_bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class PipelineConfig(_Strict):
+    application: str = Field(pattern=_NAME, description="lower-case name, used in DAG ids")
+    description: str = ""
+    repository: Repository
+    polling: Polling = Polling()
+    infrastructure_paths: list[Annotated[str, AfterValidator(_valid_glob)]] = Field(
+        default_factory=lambda: ["infrastructure/**"],
+        description="gitignore-style globs; a change there is an infrastructure change",
+    )
+    commit_stage: CommitStage
+    aws: Aws
+    source_file: str = Field(default="", exclude=True)
+
+    @property
+    def poll_dag_id(self) -> str:
+        return f"{self.application}_commit_poll"
+
+    @property
+    def pipeline_dag_id(self) -> str:
+        return f"{self.application}_pipeline"
+
+    def step_timeout(self, step: str) -> timedelta:
+        return timedelta(seconds=getattr(self.commit_stage, step).timeout)
+
+
+def expand_vars(value, where: str, environ=None):
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string of a parsed YAML tree."""
+    environ = os.environ if environ is None else environ
+    if isinstance(value, dict):
+        return {k: expand_vars(v, f"{where}.{k}" if where else str(k), environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_vars(v, f"{where}[{i}]", environ) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise PipelineConfigError(f"{where}: environment variable ${{{name}}} is not set")
+
+    return _VAR.sub(substitute, value)
+
+
+def _describe(error: dict) -> str:
+    field = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    problem = error["msg"]
+    if error["type"] not in ("missing", "extra_forbidden") and "input" in error:
+        problem += f" (got {error['input']!r})"
+    if error["type"] == "extra_forbidden":
+        problem = "unknown field"
+    return f"{field}: {problem}"
+
+
+def load_pipeline_config(path: str | os.PathLike, environ=None) -> PipelineConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PipelineConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PipelineConfigError(f"{path}: malformed YAML{where}: {problem}") from exc
+    if not isinstance(raw, dict):
+        raise PipelineConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        expanded = expand_vars(raw, "", environ)
+        config = PipelineConfig.model_validate(expanded)
+    except PipelineConfigError as exc:
+        raise PipelineConfigError(f"{path}: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise PipelineConfigError(f"{path}: {problems}") from exc
+    if config.application != path.stem:
+        raise PipelineConfigError(
+            f"{path}: application: must match the file name {path.stem!r} (got {config.application!r})"
+        )
+    return config.model_copy(update={"source_file": str(path)})
+
+
+def pipelines_dir() -> Path:
+    return Path(os.environ.get(PIPELINES_DIR_ENV) or DEFAULT_PIPELINES_DIR)
+
+
+def config_files(directory: Path | None = None) -> list[Path]:
+    directory = directory or pipelines_dir()
+    return sorted(p for p in directory.glob("*.y*ml") if p.suffix in (".yaml", ".yml"))
+
+
+def load_all(directory: Path | None = None) -> tuple[list[PipelineConfig], list[PipelineConfigError]]:
+    """Every valid config, and an error per broken one (a broken file never hides the others)."""
+    configs, errors = [], []
+    for path in config_files(directory):
+        try:
+            configs.append(load_pipeline_config(path))
+        except PipelineConfigError as exc:
+            errors.append(exc)
+    return configs, errors
+

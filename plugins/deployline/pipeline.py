@@ -1,0 +1,115 @@
+"""``<app>_pipeline``: the deployment pipeline of one application, stages as task groups."""
+
+from __future__ import annotations
+
+import logging
+
+from airflow.sdk import DAG, Param, chain, get_current_context, task
+
+from deployline.changes import BOTH, Classification, classify
+from deployline.commit_stage import commit_stage
+from deployline.config import PipelineConfig
+from deployline.dag_defaults import START_DATE, default_args
+from deployline.releases import ReleaseRegistry, make_version, utcnow
+from deployline.sources import GitSource
+
+log = logging.getLogger(__name__)
+
+DOC = """\
+## {app}: deployment pipeline
+
+One run takes one commit of `{url}` (branch `{branch}`) through the stages of the
+cloud deployment pipeline.  Runs are started by `{app}_commit_poll` for every new
+commit (run id `commit__<short sha>`), or by hand with **Trigger** (leave `commit`
+empty to build the branch head).
+
+* `resolve_commit`: the commit, its author and message, and its version
+  (`r<revision>-<short sha>`, revision = commits on the branch up to it).
+* `classify_change`: the paths changed since the last published release decide what
+  runs: infrastructure paths (`{globs}`) mean baking a new image, any other path
+  means `2-commit`.  A commit that changes nothing is recorded and builds nothing.
+* `2-commit`: build, unit tests, static analysis, artifact to S3.
+
+The release registry is `s3://{bucket}/{app}/releases/`.
+"""
+
+
+def build_pipeline_dag(config: PipelineConfig) -> DAG:
+    source_args = {"url": config.repository.url, "branch": config.repository.branch}
+    with DAG(
+        dag_id=config.pipeline_dag_id,
+        description=f"Deployment pipeline of {config.application}",
+        schedule=None,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=4,
+        default_args=default_args(),
+        tags=["deployline", config.application],
+        doc_md=DOC.format(
+            app=config.application,
+            bucket=config.aws.artifact_bucket,
+            globs=", ".join(config.infrastructure_paths),
+            **source_args,
+        ),
+        params={
+            "commit": Param(
+                "",
+                type="string",
+                title="Commit",
+                description="Full or short sha to build. Empty: the head of the branch.",
+                pattern="^([0-9a-fA-F]{4,40})?$",
+            ),
+        },
+    ) as dag:
+
+        @task(task_id="resolve_commit", retries=2)
+        def resolve_commit() -> dict:
+            ctx = get_current_context()
+            source = GitSource.from_repository(config.repository)
+            requested = (ctx["dag_run"].conf or {}).get("commit") or ctx["params"].get("commit") or ""
+            sha = requested.strip().lower() or source.head()
+            commit = source.resolve(sha)
+            revision = source.revision_number(commit.sha)
+            version = make_version(revision, commit.sha)
+            log.info("building %s as %s: %s (%s)", commit.sha, version, commit.message, commit.author)
+            return commit.to_dict() | {"revision": revision, "version": version}
+
+        @task.branch(task_id="classify_change", retries=2)
+        def classify_change(commit: dict) -> list[str]:
+            ctx = get_current_context()
+            source = GitSource.from_repository(config.repository)
+            registry = ReleaseRegistry.for_config(config)
+            previous = registry.last_published(before_revision=commit["revision"])
+            base = previous["commit"]["sha"] if previous else None
+            if base and not source.is_ancestor(base, commit["sha"]):
+                log.info("last release %s is not an ancestor of %s: comparing with the whole tree",
+                         previous["version"], commit["sha"])
+                base = None
+            paths = source.changed_paths(base, commit["sha"])
+            included = [c.to_dict() for c in source.commits_between(base, commit["sha"])]
+            result = classify(paths, config.infrastructure_paths)
+            # The first release of an application has no image to reuse: it bakes too.
+            if previous is None and paths:
+                result = Classification(BOTH, result.infrastructure_paths, result.application_paths)
+            log.info("%d commit(s) since %s, %d path(s) changed: %s",
+                     len(included), previous["version"] if previous else "the beginning", len(paths), result.kind)
+            for path in paths[:200]:
+                log.info("  %s", path)
+            registry.update(
+                commit["version"],
+                commit=commit,
+                run_id=ctx["run_id"],
+                previous_version=previous["version"] if previous else None,
+                included_commits=included,
+                changed_paths=paths,
+                classification=result.to_dict(),
+                stages={"classify_change": {"result": result.kind, "finished_at": utcnow()}},
+            )
+            ctx["ti"].xcom_push(key="classification", value=result.to_dict())
+            if not result.build:
+                log.info("nothing to build for this commit (%s)", result.kind)
+            return ["2-commit.checkout"] if result.build else []
+
+        commit = resolve_commit()
+        chain(commit, classify_change(commit), commit_stage(config, commit))
+    return dag

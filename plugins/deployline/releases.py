@@ -1,0 +1,109 @@
+"""The release registry: one JSON record per version, in the artifact bucket.
+
+``s3://<bucket>/<app>/releases/<version>.json`` is the source of truth for what was
+built, tested, approved and deployed; it outlives the Airflow database.
+
+Version scheme: ``r<revision>-<short sha>``, where ``revision`` is the number of
+commits in the branch's first-parent history up to the commit (``git rev-list
+--count --first-parent``).  Versions sort by revision, so "newer" is a number
+comparison, and the short sha keeps every version traceable to its commit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+_VERSION = re.compile(r"^r(?P<revision>\d+)-(?P<short>[0-9a-f]{7,40})$")
+
+
+def make_version(revision: int, sha: str) -> str:
+    return f"r{revision}-{sha[:10]}"
+
+
+def revision_of(version: str) -> int:
+    match = _VERSION.match(version)
+    if not match:
+        raise ValueError(f"not a Deployline version: {version!r} (expected r<revision>-<sha>)")
+    return int(match["revision"])
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class ReleaseRegistry:
+    """Read and write release records through an ``S3Hook`` (or anything with its client)."""
+
+    s3_client: object
+    bucket: str
+    application: str
+
+    @classmethod
+    def for_config(cls, config) -> ReleaseRegistry:
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        hook = S3Hook(aws_conn_id=config.aws.conn_id, region_name=config.aws.region)
+        return cls(hook.get_conn(), config.aws.artifact_bucket, config.application)
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.application}/releases/"
+
+    def key(self, version: str) -> str:
+        revision_of(version)  # refuse anything that is not a version
+        return f"{self.prefix}{version}.json"
+
+    def get(self, version: str) -> dict | None:
+        try:
+            body = self.s3_client.get_object(Bucket=self.bucket, Key=self.key(version))["Body"].read()
+        except self.s3_client.exceptions.NoSuchKey:
+            return None
+        return json.loads(body)
+
+    def put(self, record: dict) -> dict:
+        record = dict(record, updated_at=utcnow())
+        self.s3_client.put_object(
+            Bucket=self.bucket,
+            Key=self.key(record["version"]),
+            Body=json.dumps(record, indent=2, sort_keys=True).encode(),
+            ContentType="application/json",
+        )
+        return record
+
+    def update(self, version: str, **fields) -> dict:
+        """Merge ``fields`` into the record (creating it); dict values merge one level deep."""
+        record = self.get(version) or {"version": version, "application": self.application}
+        for name, value in fields.items():
+            if isinstance(value, dict) and isinstance(record.get(name), dict):
+                record[name] = {**record[name], **value}
+            else:
+                record[name] = value
+        return self.put(record)
+
+    def versions(self) -> list[str]:
+        """Every recorded version, oldest first."""
+        found = []
+        paginator = self.s3_client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for item in page.get("Contents", []):
+                name = item["Key"][len(self.prefix):].removesuffix(".json")
+                if _VERSION.match(name):
+                    found.append(name)
+        return sorted(found, key=revision_of)
+
+    def records(self) -> list[dict]:
+        return [r for r in (self.get(v) for v in self.versions()) if r]
+
+    def last_published(self, before_revision: int | None = None) -> dict | None:
+        """The newest record with a published artifact (older than ``before_revision`` if given)."""
+        for version in reversed(self.versions()):
+            if before_revision is not None and revision_of(version) >= before_revision:
+                continue
+            record = self.get(version)
+            if record and record.get("artifact"):
+                return record
+        return None

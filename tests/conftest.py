@@ -1,0 +1,20 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Git commits made by tests need an identity, whatever the machine's git config says.
+for var, value in {
+    "GIT_AUTHOR_NAME": "Test Author",
+    "GIT_AUTHOR_EMAIL": "author@example.invalid",
+    "GIT_COMMITTER_NAME": "Test Author",
+    "GIT_COMMITTER_EMAIL": "author@example.invalid",
+}.items():
+    os.environ.setdefault(var, value)
+
+
+@pytest.fixture
+def project_root() -> Path:
+    return ROOT

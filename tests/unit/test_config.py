@@ -1,0 +1,104 @@
+import textwrap
+
+import pytest
+
+from deployline.config import PipelineConfigError, load_all, load_pipeline_config
+from deployline.dag_factory import check_configs
+
+VALID = textwrap.dedent("""\
+    application: shop
+    repository:
+      url: ${SHOP_REPO}
+      branch: main
+    polling:
+      schedule: "*/5 * * * *"
+    infrastructure_paths: ["infrastructure/**", "packer/*.json"]
+    commit_stage:
+      build: {command: make build, timeout: 60}
+      unit_test: {command: make test}
+      static_analysis: {command: make lint}
+      artifact: dist/*.tar.gz
+    aws:
+      artifact_bucket: shop-artifacts
+    """)
+
+
+def write(tmp_path, text, name="shop.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_valid_config_is_typed_and_expands_variables(tmp_path):
+    config = load_pipeline_config(write(tmp_path, VALID), environ={"SHOP_REPO": "/srv/git/shop.git"})
+    assert config.repository.url == "/srv/git/shop.git"
+    assert config.commit_stage.build.timeout == 60
+    assert config.commit_stage.unit_test.timeout == 900  # default
+    assert config.aws.conn_id == "aws_default"
+    assert config.pipeline_dag_id == "shop_pipeline"
+    assert config.poll_dag_id == "shop_commit_poll"
+    assert config.source_file.endswith("shop.yaml")
+
+
+def test_shipped_demo_config_is_valid(project_root):
+    config = load_pipeline_config(project_root / "include/pipelines/sample_service.yaml", environ={})
+    assert config.application == "sample_service"
+    assert config.repository.url == "/tmp/deployline-demo/sample-service.git"  # the ${VAR:-default}
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("application: shop", "application: Shop!"), "application: String should match pattern"),
+        (("  branch: main\n", "  branch: main\n  depth: 1\n"), "repository.depth: unknown field"),
+        (("  artifact: dist/*.tar.gz\n", ""), "commit_stage.artifact: Field required"),
+        (('"*/5 * * * *"', '"every five minutes"'), "polling.schedule: Value error, not a valid cron expression"),
+        (("timeout: 60", "timeout: -1"), "commit_stage.build.timeout: Input should be greater than 0 (got -1)"),
+        (("shop-artifacts", "Shop_Artifacts"), "aws.artifact_bucket: String should match pattern"),
+        (('"packer/*.json"', '""'), "infrastructure_paths.1: Value error, empty glob"),
+        (("${SHOP_REPO}", "${NOT_SET_ANYWHERE}"), "repository.url: environment variable ${NOT_SET_ANYWHERE} is not set"),
+    ],
+)
+def test_each_invalid_field_is_named_with_file_and_problem(tmp_path, change, expected):
+    path = write(tmp_path, VALID.replace(*change))
+    with pytest.raises(PipelineConfigError) as err:
+        load_pipeline_config(path, environ={"SHOP_REPO": "/srv/git/shop.git"})
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "application: shop\nrepository: [unclosed\n")
+    with pytest.raises(PipelineConfigError, match=r"shop.yaml: malformed YAML at line 3, column 1: expected ',' or ']'"):
+        load_pipeline_config(path)
+
+
+def test_not_a_mapping(tmp_path):
+    with pytest.raises(PipelineConfigError, match="expected a mapping at the top level, got list"):
+        load_pipeline_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_application_must_match_file_name(tmp_path):
+    path = write(tmp_path, VALID, name="store.yaml")
+    with pytest.raises(PipelineConfigError, match="application: must match the file name 'store'"):
+        load_pipeline_config(path, environ={"SHOP_REPO": "x"})
+
+
+def test_workdir_must_stay_inside_the_checkout(tmp_path):
+    path = write(tmp_path, VALID.replace("  build:", "  workdir: ../elsewhere\n  build:"))
+    with pytest.raises(PipelineConfigError, match="commit_stage.workdir: Value error, must be a path inside"):
+        load_pipeline_config(path, environ={"SHOP_REPO": "x"})
+
+
+def test_a_broken_file_never_hides_the_others(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHOP_REPO", "/srv/git/shop.git")
+    monkeypatch.setenv("DEPLOYLINE_PIPELINES_DIR", str(tmp_path))
+    write(tmp_path, VALID)
+    write(tmp_path, VALID.replace("shop", "broken").replace("timeout: 60", "timeout: soon"), name="broken.yaml")
+    configs, errors = load_all()
+    assert [c.application for c in configs] == ["shop"]
+    assert len(errors) == 1 and "broken.yaml" in str(errors[0])
+    with pytest.raises(PipelineConfigError) as err:
+        check_configs()
+    assert "1 pipeline config(s) are invalid" in str(err.value)
+    assert "broken.yaml: commit_stage.build.timeout: Input should be a valid integer" in str(err.value)

@@ -1,0 +1,82 @@
+import boto3
+import pytest
+from moto import mock_aws
+
+from deployline import artifacts
+from deployline.releases import ReleaseRegistry, make_version, revision_of
+
+BUCKET = "artifacts-test"
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
+
+
+def test_version_scheme():
+    assert make_version(12, "0123456789abcdef") == "r12-0123456789"
+    assert revision_of("r12-0123456789") == 12
+    assert sorted(["r10-aaaaaaa", "r9-bbbbbbb"], key=revision_of) == ["r9-bbbbbbb", "r10-aaaaaaa"]
+    with pytest.raises(ValueError, match="not a Deployline version: '../etc'"):
+        revision_of("../etc")
+
+
+def test_registry_records_merge_and_order(s3):
+    registry = ReleaseRegistry(s3, BUCKET, "shop")
+    registry.update("r9-aaaaaaa", commit={"sha": "a" * 40}, stages={"classify_change": {"result": "both"}})
+    registry.update("r9-aaaaaaa", stages={"2-commit": {"result": "success"}})
+    registry.update("r10-bbbbbbb", commit={"sha": "b" * 40})
+    record = registry.get("r9-aaaaaaa")
+    assert record["stages"] == {"classify_change": {"result": "both"}, "2-commit": {"result": "success"}}
+    assert record["application"] == "shop" and record["updated_at"]
+    assert registry.versions() == ["r9-aaaaaaa", "r10-bbbbbbb"]
+    assert registry.get("r11-ccccccc") is None
+    assert s3.list_objects_v2(Bucket=BUCKET)["KeyCount"] == 2
+
+
+def test_last_published_skips_records_without_artifact(s3):
+    registry = ReleaseRegistry(s3, BUCKET, "shop")
+    assert registry.last_published() is None
+    registry.update("r1-aaaaaaa", artifact={"key": "k1"})
+    registry.update("r2-bbbbbbb", classification={"kind": "none"})
+    registry.update("r3-ccccccc", artifact={"key": "k3"})
+    assert registry.last_published()["version"] == "r3-ccccccc"
+    assert registry.last_published(before_revision=3)["version"] == "r1-aaaaaaa"
+
+
+def test_publish_with_sha256_build_once_and_verify(s3, tmp_path):
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    (dist / "shop-1.tar.gz").write_bytes(b"release bytes")
+    path = artifacts.find_distribution(tmp_path, "dist/*.tar.gz")
+    artifact, uploaded = artifacts.publish(s3, BUCKET, "shop", "r1-aaaaaaa", path)
+    assert uploaded and artifact.key == "shop/artifacts/r1-aaaaaaa/shop-1.tar.gz"
+    assert artifact.sha256 == artifacts.sha256_of(path)
+    head = s3.head_object(Bucket=BUCKET, Key=artifact.key)
+    assert head["Metadata"]["sha256"] == artifact.sha256
+
+    (dist / "shop-1.tar.gz").write_bytes(b"a different build")
+    again, uploaded = artifacts.publish(s3, BUCKET, "shop", "r1-aaaaaaa", path)
+    assert not uploaded and again.sha256 == artifact.sha256  # build once: the first upload stays
+
+    got = artifacts.download_verified(s3, artifact.to_dict(), tmp_path / "dl" / "a.tgz")
+    assert got.read_bytes() == b"release bytes"
+    s3.put_object(Bucket=BUCKET, Key=artifact.key, Body=b"tampered")
+    with pytest.raises(artifacts.ArtifactError, match="refusing a tampered or replaced artifact"):
+        artifacts.download_verified(s3, artifact.to_dict(), tmp_path / "dl" / "b.tgz")
+    assert not (tmp_path / "dl" / "b.tgz").exists()
+
+
+def test_distribution_glob_must_match_one_file(tmp_path):
+    with pytest.raises(artifacts.ArtifactError, match=r"artifact glob 'dist/\*.whl' matched no file"):
+        artifacts.find_distribution(tmp_path, "dist/*.whl")
+    (tmp_path / "dist").mkdir()
+    (tmp_path / "dist" / "a.whl").write_text("a")
+    (tmp_path / "dist" / "b.whl").write_text("b")
+    with pytest.raises(artifacts.ArtifactError, match="matched 2 files, expected one: dist/a.whl, dist/b.whl"):
+        artifacts.find_distribution(tmp_path, "dist/*.whl")
