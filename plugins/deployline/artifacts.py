@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import glob as _glob
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import glob as _glob
 
 
 class ArtifactError(RuntimeError):

@@ -200,7 +200,10 @@ def ensure_bucket(endpoint: str, bucket: str, region: str = REGION) -> None:
 
 
 def _boto_keys() -> dict:
-    return {"aws_access_key_id": AWS_KEYS["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": AWS_KEYS["AWS_SECRET_ACCESS_KEY"]}
+    return {
+        "aws_access_key_id": AWS_KEYS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": AWS_KEYS["AWS_SECRET_ACCESS_KEY"],
+    }
 
 
 def start_airflow(stack: Stack, env: dict, log_path: Path, timeout: float = 240) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 _VERSION = re.compile(r"^r(?P<revision>\d+)-(?P<short>[0-9a-f]{7,40})$")
 
@@ -31,7 +31,7 @@ def revision_of(version: str) -> int:
 
 
 def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass

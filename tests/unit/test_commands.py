@@ -1,7 +1,6 @@
 import logging
 
 import pytest
-
 from deployline.commands import CommandFailed, run_command
 
 

@@ -1,7 +1,6 @@
 import textwrap
 
 import pytest
-
 from deployline.config import PipelineConfigError, load_all, load_pipeline_config
 from deployline.dag_factory import check_configs
 
@@ -56,7 +55,7 @@ def test_shipped_demo_config_is_valid(project_root):
         (("timeout: 60", "timeout: -1"), "commit_stage.build.timeout: Input should be greater than 0 (got -1)"),
         (("shop-artifacts", "Shop_Artifacts"), "aws.artifact_bucket: String should match pattern"),
         (('"packer/*.json"', '""'), "infrastructure_paths.1: Value error, empty glob"),
-        (("${SHOP_REPO}", "${NOT_SET_ANYWHERE}"), "repository.url: environment variable ${NOT_SET_ANYWHERE} is not set"),
+        (("${SHOP_REPO}", "${NOT_SET}"), "repository.url: environment variable ${NOT_SET} is not set"),
     ],
 )
 def test_each_invalid_field_is_named_with_file_and_problem(tmp_path, change, expected):
@@ -69,7 +68,8 @@ def test_each_invalid_field_is_named_with_file_and_problem(tmp_path, change, exp
 
 def test_malformed_yaml_names_file_and_line(tmp_path):
     path = write(tmp_path, "application: shop\nrepository: [unclosed\n")
-    with pytest.raises(PipelineConfigError, match=r"shop.yaml: malformed YAML at line 3, column 1: expected ',' or ']'"):
+    expected = r"shop.yaml: malformed YAML at line 3, column 1: expected ',' or ']'"
+    with pytest.raises(PipelineConfigError, match=expected):
         load_pipeline_config(path)
 
 

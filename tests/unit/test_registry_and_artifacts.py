@@ -1,9 +1,8 @@
 import boto3
 import pytest
-from moto import mock_aws
-
 from deployline import artifacts
 from deployline.releases import ReleaseRegistry, make_version, revision_of
+from moto import mock_aws
 
 BUCKET = "artifacts-test"
 

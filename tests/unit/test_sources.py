@@ -1,5 +1,4 @@
 import pytest
-
 from deployline.sources import GitError, GitSource, redact
 from gitrepo import Repo, git
 

@@ -1,0 +1,91 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(__file__).with_name("parse_dags.py")
+
+
+def parse(tmp_path, pipelines_dir=None) -> dict:
+    env = os.environ | {
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "PYTHONPATH": str(ROOT / "plugins"),
+    }
+    env.pop("DEPLOYLINE_PIPELINES_DIR", None)
+    if pipelines_dir:
+        env["DEPLOYLINE_PIPELINES_DIR"] = str(pipelines_dir)
+    done = subprocess.run([sys.executable, str(SCRIPT), str(ROOT / "dags")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory):
+    return parse(tmp_path_factory.mktemp("parse"))
+
+
+def test_every_dag_imports_without_errors(parsed):
+    assert parsed["import_errors"] == {}
+    assert {"sample_service_commit_poll", "sample_service_pipeline"} <= set(parsed["dags"])
+
+
+def test_parsing_makes_no_network_git_or_aws_call(parsed):
+    assert parsed["events"] == []
+
+
+def test_poll_dag_shape(parsed):
+    dag = parsed["dags"]["sample_service_commit_poll"]
+    assert dag["schedule"] and dag["doc_md"] and dag["max_active_runs"] == 1
+    tasks = dag["tasks"]
+    assert tasks["wait_for_commit"]["type"] == "GitCommitSensor"
+    assert tasks["wait_for_commit"]["mode"] == "reschedule"
+    assert tasks["trigger_pipeline"]["type"] == "TriggerDagRunOperator"
+    assert tasks["trigger_pipeline"]["upstream"] == ["wait_for_commit"]
+
+
+def test_pipeline_dag_shape_follows_the_design(parsed):
+    dag = parsed["dags"]["sample_service_pipeline"]
+    assert dag["schedule"] is None and dag["doc_md"] and dag["params"] == ["commit"]
+    assert dag["groups"] == {"2-commit": True}  # every stage explains itself in the UI
+    tasks = dag["tasks"]
+    assert tasks["classify_change"]["upstream"] == ["resolve_commit"]
+    assert tasks["classify_change"]["type"] == "_BranchPythonDecoratedOperator"
+    assert tasks["2-commit.checkout"]["upstream"] == ["classify_change", "resolve_commit"]
+    assert tasks["2-commit.checkout"]["is_setup"]
+    assert tasks["2-commit.build"]["upstream"] == ["2-commit.checkout", "resolve_commit"]
+    for step in ("2-commit.unit_test", "2-commit.static_analysis"):
+        assert tasks[step]["upstream"] == ["2-commit.build", "resolve_commit"]
+    assert tasks["2-commit.publish_artifact"]["upstream"] == [
+        "2-commit.static_analysis", "2-commit.unit_test", "resolve_commit"]
+    teardown = tasks["2-commit.clean_workspace"]
+    assert teardown["is_teardown"] and teardown["trigger_rule"] == "all_done_setup_success"
+    assert teardown["upstream"] == ["2-commit.checkout", "2-commit.publish_artifact"]
+
+
+def test_a_broken_config_is_an_import_error_and_the_others_still_load(tmp_path):
+    pipelines = tmp_path / "pipelines"
+    pipelines.mkdir()
+    good = (ROOT / "include/pipelines/sample_service.yaml").read_text()
+    (pipelines / "sample_service.yaml").write_text(good)
+    (pipelines / "billing.yaml").write_text(
+        good.replace("application: sample_service", "application: billing")
+        .replace('schedule: "* * * * *"', 'schedule: "every minute"'))
+    (pipelines / "orders.yaml").write_text(textwrap.dedent("""\
+        application: orders
+        repository: {url: /srv/git/orders.git}
+        """))
+    parsed = parse(tmp_path, pipelines)
+    assert {"sample_service_commit_poll", "sample_service_pipeline"} == set(parsed["dags"])
+    assert [Path(p).name for p in parsed["import_errors"]] == ["deployline_config_check.py"]
+    error = next(iter(parsed["import_errors"].values()))
+    assert "2 pipeline config(s) are invalid" in error
+    assert f"{pipelines}/billing.yaml: polling.schedule: Value error, not a valid cron expression" in error
+    assert f"{pipelines}/orders.yaml: commit_stage: Field required; aws: Field required" in error

@@ -1,0 +1,63 @@
+"""One moto and one real Airflow (scheduler, API server, DAG processor, triggerer) per session.
+
+Tests act as a user does: they push commits to the git repository, use the REST API,
+and look at AWS state through the AWS API.  Logs are kept in test-artifacts/e2e/.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+
+import boto3
+import pytest
+import yaml
+from deployline import embedded
+from deployline.airflow_api import AirflowApi
+from harness import APP, ARTIFACTS, BUCKET, E2E, ROOT
+from moto.server import ThreadedMotoServer
+
+
+# moto's request log would drown the test output.
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def e2e(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=embedded.free_port(), verbose=False)
+    moto.start()
+    endpoint = f"http://127.0.0.1:{moto._server.server_port}"
+    stack = embedded.Stack()
+    try:
+        embedded.ensure_bucket(endpoint, BUCKET)
+        bare, clone = root / "repos" / "sample-service.git", root / "clone"
+        seed = embedded.seed_repository(bare, clone)
+
+        pipelines = root / "pipelines"
+        pipelines.mkdir()
+        config = yaml.safe_load((ROOT / "include" / "pipelines" / f"{APP}.yaml").read_text())
+        # Poll continuously in short pokes, so a push is seen within seconds.
+        config["polling"] = {"schedule": "* * * * *", "poke_interval": 3, "timeout": 55}
+        (pipelines / f"{APP}.yaml").write_text(yaml.safe_dump(config))
+
+        home = root / "airflow"
+        env = embedded.airflow_env(home, embedded.free_port(), endpoint, {
+            "DEPLOYLINE_PIPELINES_DIR": str(pipelines),
+            "DEPLOYLINE_DEMO_REPO": str(bare),
+            "DEPLOYLINE_ARTIFACT_BUCKET": BUCKET,
+        })
+        base = embedded.start_airflow(stack, env, ARTIFACTS / "airflow.log")
+        api = AirflowApi(base, "admin", embedded.admin_password(home))
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name=embedded.REGION,
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        yield E2E(api, s3, clone, bare, home, seed)
+    finally:
+        stack.stop()
+        moto.stop()
+        logs = root / "airflow" / "logs"
+        if logs.exists():
+            subprocess.run(["cp", "-r", str(logs), str(ARTIFACTS / "task-logs")], check=False)

@@ -1,0 +1,68 @@
+"""What end-to-end tests use to act as a user: push commits, use the REST API, read AWS state."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from deployline import embedded
+from deployline.airflow_api import AirflowApi
+from deployline.sensors import pipeline_run_id
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = "sample_service"
+BUCKET = "deployline-e2e"
+ARTIFACTS = ROOT / "test-artifacts" / "e2e"
+
+
+@dataclass
+class E2E:
+    api: AirflowApi
+    s3: object
+    clone: Path
+    bare: Path
+    home: Path
+    seed: str  # the first commit, in the repository before Airflow started
+
+    def push(self, files: dict[str, str], message: str, commits: int = 1) -> list[str]:
+        """Commit ``files`` (``commits`` times, each a separate commit) and push once; returns the shas."""
+        shas = []
+        for n in range(commits):
+            for name, content in files.items():
+                path = self.clone / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(content if commits == 1 else f"{content}\n# {n}\n")
+            embedded.git("add", "-A", cwd=self.clone)
+            embedded.git("commit", "--quiet", "-m", message if commits == 1 else f"{message} ({n + 1})", cwd=self.clone)
+            shas.append(embedded.git("rev-parse", "HEAD", cwd=self.clone))
+        embedded.git("push", "--quiet", "origin", "HEAD:main", cwd=self.clone)
+        return shas
+
+    def revision(self, sha: str) -> int:
+        return int(embedded.git("rev-list", "--count", "--first-parent", sha, cwd=self.clone))
+
+    def version(self, sha: str) -> str:
+        return f"r{self.revision(sha)}-{sha[:10]}"
+
+    def pipeline_run(self, sha: str, timeout: float = 600) -> dict:
+        """Wait for the polled pipeline run of ``sha`` to appear and to finish."""
+        dag_id, run_id = f"{APP}_pipeline", pipeline_run_id(sha)
+        embedded.wait_until(lambda: _exists(self.api, dag_id, run_id), 180, f"poll to start {run_id}", interval=2)
+        return self.api.wait_for_run(dag_id, run_id, timeout=timeout)
+
+    def task_states(self, run: dict) -> dict[str, str | None]:
+        return {tid: ti["state"] for tid, ti in self.api.task_instances(run["dag_id"], run["dag_run_id"]).items()}
+
+    def record(self, version: str) -> dict | None:
+        try:
+            body = self.s3.get_object(Bucket=BUCKET, Key=f"{APP}/releases/{version}.json")["Body"].read()
+        except self.s3.exceptions.NoSuchKey:
+            return None
+        return json.loads(body)
+
+
+def _exists(api: AirflowApi, dag_id: str, run_id: str) -> bool:
+    return any(r["dag_run_id"] == run_id for r in api.runs(dag_id))
+
+

@@ -1,0 +1,77 @@
+"""A pushed commit is polled, built, tested and stored as an artifact; a failing one is not."""
+
+import hashlib
+import time
+
+import pytest
+from harness import APP, BUCKET
+
+pytestmark = pytest.mark.e2e
+
+
+def test_dags_are_loaded_without_import_errors(e2e):
+    assert {f"{APP}_commit_poll", f"{APP}_pipeline"} <= set(e2e.api.dag_ids())
+    assert e2e.api.import_errors() == []
+
+
+def test_first_commit_builds_everything(e2e):
+    run = e2e.pipeline_run(e2e.seed)
+    assert run["state"] == "success", e2e.task_states(run)
+    record = e2e.record(e2e.version(e2e.seed))
+    # No release before it: everything counts as changed, infrastructure included.
+    assert record["classification"]["kind"] == "both"
+    assert record["previous_version"] is None
+    assert "infrastructure/provision.sh" in record["changed_paths"]
+    assert record["artifact"]["sha256"]
+
+
+def test_new_commits_are_polled_built_and_published(e2e):
+    # Two commits in one push: the newest is built, and its run records both.
+    older, newest = e2e.push({"NOTES.md": "Release notes"}, "Add release notes", commits=2)
+    run = e2e.pipeline_run(newest)
+    states = e2e.task_states(run)
+    assert run["state"] == "success", states
+    assert run["conf"]["commit"] == newest
+    assert states == {
+        "resolve_commit": "success", "classify_change": "success", "2-commit.checkout": "success",
+        "2-commit.build": "success", "2-commit.unit_test": "success", "2-commit.static_analysis": "success",
+        "2-commit.publish_artifact": "success", "2-commit.clean_workspace": "success",
+    }
+
+    version = e2e.version(newest)
+    listing = e2e.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{APP}/artifacts/{version}/")
+    assert [o["Key"] for o in listing.get("Contents", [])] == [
+        f"{APP}/artifacts/{version}/sample-service-{version}.tar.gz"]
+    key = listing["Contents"][0]["Key"]
+    obj = e2e.s3.get_object(Bucket=BUCKET, Key=key)
+    digest = hashlib.sha256(obj["Body"].read()).hexdigest()
+    assert obj["Metadata"]["sha256"] == digest
+
+    record = e2e.record(version)
+    assert record["commit"]["sha"] == newest
+    assert record["commit"]["message"] == "Add release notes (2)"
+    assert record["artifact"]["sha256"] == digest and record["artifact"]["key"] == key
+    assert record["run_id"] == run["dag_run_id"]
+    assert [c["sha"] for c in record["included_commits"]] == [newest, older]
+    assert record["previous_version"] == e2e.version(e2e.seed)
+    assert record["classification"]["kind"] == "application"
+    assert record["changed_paths"] == ["NOTES.md"]
+
+    # The older commit never gets a run of its own, and the newest never a second one.
+    time.sleep(10)
+    commits = [r["conf"].get("commit") for r in e2e.api.runs(f"{APP}_pipeline")]
+    assert commits.count(newest) == 1 and older not in commits
+
+
+def test_failing_unit_test_fails_the_commit_stage_and_publishes_nothing(e2e):
+    (sha,) = e2e.push({"tests/unit/test_regression.py": "def test_regression():\n    assert 1 + 1 == 3\n"},
+                      "Add a failing test")
+    run = e2e.pipeline_run(sha)
+    states = e2e.task_states(run)
+    assert run["state"] == "failed"
+    assert states["2-commit.unit_test"] == "failed"
+    assert states["2-commit.publish_artifact"] == "upstream_failed"
+    assert states["2-commit.clean_workspace"] == "success"  # the teardown ran anyway
+    version = e2e.version(sha)
+    assert e2e.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{APP}/artifacts/{version}/")["KeyCount"] == 0
+    assert "artifact" not in (e2e.record(version) or {})
