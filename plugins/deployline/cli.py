@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import time
@@ -43,12 +44,16 @@ def demo(args: argparse.Namespace) -> int:
     # Fail before starting anything when the demo config itself is broken.
     load_pipeline_config(PROJECT_ROOT / "include" / "pipelines" / f"{DEMO_APP}.yaml")
 
+    # moto keeps AWS in memory only, so the Airflow database starts afresh with it;
+    # the demo repository and your clone are kept.
+    shutil.rmtree(home, ignore_errors=True)
     stack = embedded.Stack()
 
     def stop(signum, _frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # also when started with SIGINT ignored (a background job)
     try:
         print(f"starting moto on 127.0.0.1:{args.moto_port} ...", flush=True)
         moto = embedded.start_moto(stack, args.moto_port, state / "logs" / "moto.log")

@@ -18,7 +18,6 @@ from deployline.airflow_api import AirflowApi
 from harness import APP, ARTIFACTS, BUCKET, E2E, ROOT
 from moto.server import ThreadedMotoServer
 
-
 # moto's request log would drown the test output.
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 

@@ -4,6 +4,7 @@ import hashlib
 import time
 
 import pytest
+from deployline import embedded
 from harness import APP, BUCKET
 
 pytestmark = pytest.mark.e2e
@@ -61,6 +62,21 @@ def test_new_commits_are_polled_built_and_published(e2e):
     time.sleep(10)
     commits = [r["conf"].get("commit") for r in e2e.api.runs(f"{APP}_pipeline")]
     assert commits.count(newest) == 1 and older not in commits
+
+
+def test_a_commit_that_changes_nothing_is_recorded_and_builds_nothing(e2e):
+    embedded.git("commit", "--quiet", "--allow-empty", "-m", "Empty commit", cwd=e2e.clone)
+    embedded.git("push", "--quiet", "origin", "HEAD:main", cwd=e2e.clone)
+    sha = embedded.git("rev-parse", "HEAD", cwd=e2e.clone)
+    run = e2e.pipeline_run(sha)
+    states = e2e.task_states(run)
+    assert run["state"] == "success"
+    assert states["classify_change"] == "success"
+    assert {s for t, s in states.items() if t.startswith("2-commit.")} == {"skipped"}
+    record = e2e.record(e2e.version(sha))
+    assert record["classification"]["kind"] == "none" and record["changed_paths"] == []
+    assert "artifact" not in record
+    assert e2e.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{APP}/artifacts/{e2e.version(sha)}/")["KeyCount"] == 0
 
 
 def test_failing_unit_test_fails_the_commit_stage_and_publishes_nothing(e2e):
