@@ -83,6 +83,7 @@ def commit_stage(config: PipelineConfig, commit) -> TaskGroup:
             registry.update(
                 commit["version"],
                 artifact=artifact.to_dict(),
+                artifact_version=commit["version"],
                 stages={"2-commit": {"result": "success", "finished_at": utcnow(), "run_id": ctx["run_id"]}},
             )
             return artifact.to_dict()

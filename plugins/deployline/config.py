@@ -10,7 +10,7 @@ import os
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -89,6 +89,65 @@ class CommitStage(_Strict):
         return value
 
 
+class Baking(_Strict):
+    base_image: str = Field(
+        default="resolve:ssm:/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64",
+        pattern=r"^(ami-[0-9a-f]{8,17}|resolve:ssm:/\S+)$",
+        description="an AMI id, or resolve:ssm:<parameter> naming an SSM parameter that holds one",
+    )
+    instance_type: str = "t3.micro"
+    provision_script: str = Field(default="infrastructure/provision.sh", description="path in the repository")
+    provision_timeout: Annotated[int, Field(gt=0, le=6 * 3600)] = 1800
+    image_timeout: Annotated[int, Field(gt=0, le=24 * 3600)] = 3600
+    subnet_id: str | None = None
+    instance_profile: str | None = Field(default=None, description="instance profile with SSM access")
+
+
+class Sizes(_Strict):
+    """Workers (local driver) or instances (cloudformation) per stage; pre-production = production."""
+
+    self_service: Annotated[int, Field(ge=1, le=20)] = 1
+    acceptance: Annotated[int, Field(ge=1, le=20)] = 1
+    capacity: Annotated[int, Field(ge=1, le=50)] = 2
+    production: Annotated[int, Field(ge=1, le=100)] = 3
+
+    @property
+    def preproduction(self) -> int:
+        return self.production
+
+    def for_stage(self, stage: str) -> int:
+        return self.production if stage == "preproduction" else getattr(self, stage)
+
+
+class LocalDriverSettings(_Strict):
+    start_command: str = Field(
+        default="sh run.sh --host 127.0.0.1 --port {port}",
+        description="run in the unpacked artifact; {port} is the worker's port",
+    )
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class CloudFormationSettings(_Strict):
+    template: str = Field(default="include/cloudformation/environment.yaml", description="relative to the project")
+    instance_type: str = "t3.micro"
+    app_port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    network_parameter_prefix: str = "/deployline/network"
+
+
+class Environments(_Strict):
+    driver: Literal["local", "cloudformation"] = "local"
+    sizes: Sizes = Sizes()
+    health_path: str = "/health"
+    health_timeout: Annotated[int, Field(gt=0, le=3600)] = 120
+    local: LocalDriverSettings = LocalDriverSettings()
+    cloudformation: CloudFormationSettings = CloudFormationSettings()
+
+
+class Acceptance(_Strict):
+    command: str = Field(min_length=1, description="run in the checkout; {base_url} is the environment's URL")
+    timeout: Annotated[int, Field(gt=0, le=6 * 3600)] = 900
+
+
 class Aws(_Strict):
     conn_id: str = "aws_default"
     region: str = Field(default="us-east-1", pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")
@@ -105,6 +164,9 @@ class PipelineConfig(_Strict):
         description="gitignore-style globs; a change there is an infrastructure change",
     )
     commit_stage: CommitStage
+    baking: Baking = Baking()
+    environments: Environments = Environments()
+    acceptance: Acceptance | None = None
     aws: Aws
     source_file: str = Field(default="", exclude=True)
 

@@ -6,6 +6,8 @@ import logging
 
 from airflow.sdk import DAG, Param, chain, get_current_context, task
 
+from deployline.acceptance_stage import acceptance_stage
+from deployline.baking_stage import baking_stage
 from deployline.changes import BOTH, Classification, classify
 from deployline.commit_stage import commit_stage
 from deployline.config import PipelineConfig
@@ -28,7 +30,13 @@ empty to build the branch head).
 * `classify_change`: the paths changed since the last published release decide what
   runs: infrastructure paths (`{globs}`) mean baking a new image, any other path
   means `2-commit`.  A commit that changes nothing is recorded and builds nothing.
+* `1-baking`: a builder instance provisioned by the repository's infrastructure script,
+  a base AMI from it (deferrable readiness sensor); the builder is always terminated.
 * `2-commit`: build, unit tests, static analysis, artifact to S3.
+* `3-acceptance`: an environment ({driver} driver) with the artifact, the acceptance tests
+  against it, then the application AMI; the result is a release candidate.
+
+A failed task is written to the release record (stage, task, error).
 
 The release registry is `s3://{bucket}/{app}/releases/`.
 """
@@ -43,12 +51,13 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
         start_date=START_DATE,
         catchup=False,
         max_active_runs=4,
-        default_args=default_args(),
+        default_args=default_args(on_failure_callback=_failure_recorder(config)),
         tags=["deployline", config.application],
         doc_md=DOC.format(
             app=config.application,
             bucket=config.aws.artifact_bucket,
             globs=", ".join(config.infrastructure_paths),
+            driver=config.environments.driver,
             **source_args,
         ),
         params={
@@ -106,10 +115,34 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
                 stages={"classify_change": {"result": result.kind, "finished_at": utcnow()}},
             )
             ctx["ti"].xcom_push(key="classification", value=result.to_dict())
-            if not result.build:
-                log.info("nothing to build for this commit (%s)", result.kind)
-            return ["2-commit.checkout"] if result.build else []
+            follow = (["1-baking.resolve_base_image"] if result.bake else []) + (
+                ["2-commit.checkout"] if result.build else [])
+            if not follow:
+                log.info("nothing to bake or build for this commit")
+            return follow
 
         commit = resolve_commit()
-        chain(commit, classify_change(commit), commit_stage(config, commit))
+        branch = classify_change(commit)
+        built = [baking_stage(config, commit), commit_stage(config, commit)]
+        chain(commit, branch, built, acceptance_stage(config, commit))
     return dag
+
+
+def _failure_recorder(config: PipelineConfig):
+    """An on_failure_callback that writes the failed task to the release record."""
+
+    def record_failure(context) -> None:
+        ti = context["ti"]
+        commit = ti.xcom_pull(task_ids="resolve_commit")
+        if not commit:
+            return  # the commit itself could not be resolved: there is no record to write to
+        stage = ti.task_id.split(".", 1)[0] if "." in ti.task_id else ti.task_id
+        error = str(context.get("exception") or "")[-1000:]
+        try:
+            ReleaseRegistry.for_config(config).update(commit["version"], stages={stage: {
+                "result": "failed", "task": ti.task_id, "error": error, "finished_at": utcnow(),
+                "run_id": context["run_id"]}})
+        except Exception:  # never hide the task's own failure behind a registry problem
+            log.exception("could not record the failure of %s", ti.task_id)
+
+    return record_failure

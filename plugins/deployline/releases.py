@@ -98,12 +98,21 @@ class ReleaseRegistry:
     def records(self) -> list[dict]:
         return [r for r in (self.get(v) for v in self.versions()) if r]
 
-    def last_published(self, before_revision: int | None = None) -> dict | None:
-        """The newest record with a published artifact (older than ``before_revision`` if given)."""
+    def _newest(self, before_revision: int | None, accept) -> dict | None:
         for version in reversed(self.versions()):
             if before_revision is not None and revision_of(version) >= before_revision:
                 continue
             record = self.get(version)
-            if record and record.get("artifact"):
+            if record and accept(record):
                 return record
         return None
+
+    def last_good_base_image(self, before_revision: int | None = None) -> dict | None:
+        """The base image of the newest candidate (it passed acceptance), else the newest baked one."""
+        record = self._newest(before_revision, lambda r: r.get("candidate") and r.get("base_image"))
+        record = record or self._newest(before_revision, lambda r: (r.get("base_image") or {}).get("baked"))
+        return record["base_image"] if record else None
+
+    def last_published(self, before_revision: int | None = None) -> dict | None:
+        """The newest record with a published artifact (older than ``before_revision`` if given)."""
+        return self._newest(before_revision, lambda r: r.get("artifact"))

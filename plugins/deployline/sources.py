@@ -222,6 +222,14 @@ class GitSource:
         mirror = self.fetch(sha)
         return int(self._git("rev-list", "--count", "--first-parent", sha, cwd=mirror).strip())
 
+    def read_file(self, sha: str, path: str) -> str:
+        """A file's content at a commit (the provisioning script of that very commit)."""
+        mirror = self.fetch(sha)
+        try:
+            return self._git("show", f"{sha}:{path}", cwd=mirror)
+        except GitError:
+            raise GitError(f"{path} does not exist at commit {sha[:10]} in repository {self.display_url}") from None
+
     def checkout(self, sha: str, dest: Path) -> Path:
         """A clean working tree of ``sha`` at ``dest`` (replacing whatever was there)."""
         mirror = self.fetch(sha)

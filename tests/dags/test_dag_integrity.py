@@ -54,7 +54,8 @@ def test_poll_dag_shape(parsed):
 def test_pipeline_dag_shape_follows_the_design(parsed):
     dag = parsed["dags"]["sample_service_pipeline"]
     assert dag["schedule"] is None and dag["doc_md"] and dag["params"] == ["commit"]
-    assert dag["groups"] == {"2-commit": True}  # every stage explains itself in the UI
+    # every stage explains itself in the UI
+    assert dag["groups"] == {"1-baking": True, "2-commit": True, "3-acceptance": True}
     tasks = dag["tasks"]
     assert tasks["classify_change"]["upstream"] == ["resolve_commit"]
     assert tasks["classify_change"]["type"] == "_BranchPythonDecoratedOperator"
@@ -68,6 +69,27 @@ def test_pipeline_dag_shape_follows_the_design(parsed):
     teardown = tasks["2-commit.clean_workspace"]
     assert teardown["is_teardown"] and teardown["trigger_rule"] == "all_done_setup_success"
     assert teardown["upstream"] == ["2-commit.checkout", "2-commit.publish_artifact"]
+
+
+def test_baking_and_acceptance_follow_the_design(parsed):
+    tasks = parsed["dags"]["sample_service_pipeline"]["tasks"]
+    assert tasks["1-baking.resolve_base_image"]["upstream"] == ["classify_change"]
+    assert tasks["1-baking.launch_builder"]["is_setup"]
+    assert tasks["1-baking.wait_for_base_image"]["type"] == "AmiAvailableSensor"
+    assert tasks["1-baking.terminate_builder"]["is_teardown"]
+    assert "1-baking.launch_builder" in tasks["1-baking.terminate_builder"]["upstream"]
+    # Acceptance starts when what ran before it succeeded: baking, the commit stage, or both.
+    entry = tasks["3-acceptance.select_inputs"]
+    assert entry["trigger_rule"] == "none_failed_min_one_success"
+    assert set(entry["upstream"]) == {"1-baking.record_base_image", "2-commit.publish_artifact", "resolve_commit"}
+    assert tasks["3-acceptance.provision_environment"]["is_setup"]
+    assert tasks["3-acceptance.teardown_environment"]["is_teardown"]
+    assert set(tasks["3-acceptance.teardown_environment"]["upstream"]) == {
+        "3-acceptance.provision_environment", "3-acceptance.acceptance_test"}
+    assert tasks["3-acceptance.launch_image_builder"]["is_setup"]
+    assert tasks["3-acceptance.terminate_image_builder"]["is_teardown"]
+    assert tasks["3-acceptance.wait_for_application_image"]["type"] == "AmiAvailableSensor"
+    assert "3-acceptance.acceptance_test" in tasks["3-acceptance.launch_image_builder"]["upstream"]
 
 
 def test_a_broken_config_is_an_import_error_and_the_others_still_load(tmp_path):

@@ -66,3 +66,45 @@ def _exists(api: AirflowApi, dag_id: str, run_id: str) -> bool:
     return any(r["dag_run_id"] == run_id for r in api.runs(dag_id))
 
 
+
+
+def leftovers(e2e: E2E) -> dict[str, list]:
+    """Builder instances, stacks and local environment processes still around (all should be empty)."""
+    import boto3
+    import psutil
+
+    endpoint = e2e.s3.meta.endpoint_url
+    kwargs = {"endpoint_url": endpoint, "region_name": "us-east-1",
+              "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    ec2 = boto3.client("ec2", **kwargs)
+    reservations = ec2.describe_instances(Filters=[
+        {"Name": "tag-key", "Values": ["deployline:builder"]},
+        {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
+    ])["Reservations"]
+    stacks = [s["StackName"] for s in boto3.client("cloudformation", **kwargs).describe_stacks()["Stacks"]
+              if s["StackStatus"] != "DELETE_COMPLETE"]
+    processes = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if "DEPLOYLINE_ENVIRONMENT" in proc.environ():
+                processes.append((proc.pid, " ".join(proc.info["cmdline"] or [])))
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    envs_dir = e2e.home / "deployline" / "environments"
+    folders = sorted(p.name for p in envs_dir.iterdir() if p.is_dir()) if envs_dir.exists() else []
+    return {
+        "builder_instances": [i["InstanceId"] for r in reservations for i in r["Instances"]],
+        "stacks": stacks,
+        "environment_processes": processes,
+        "environment_folders": folders,
+    }
+
+
+def images_of(e2e: E2E, version: str) -> dict[str, dict]:
+    """AMIs tagged with this version, by their deployline:kind tag."""
+    import boto3
+
+    ec2 = boto3.client("ec2", endpoint_url=e2e.s3.meta.endpoint_url, region_name="us-east-1",
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    found = ec2.describe_images(Owners=["self"], Filters=[{"Name": "tag:deployline:version", "Values": [version]}])
+    return {next(t["Value"] for t in i["Tags"] if t["Key"] == "deployline:kind"): i for i in found["Images"]}

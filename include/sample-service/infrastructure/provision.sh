@@ -3,9 +3,13 @@
 # (apt) builder instance. Runs as root on cloud builder instances during the
 # baking stage -- never on a developer machine or CI runner.
 #
-# Usage:  provision.sh <artifact>
+# Usage:  provision.sh [<artifact>]
+#   without an artifact: prepare a base image (python 3.11+, the service user);
+#     Deployline's baking stage runs it so.
 #   <artifact>  sample-service-<version>.tar.gz as a local path, an
-#               http(s):// URL or an s3:// URL (needs the aws CLI).
+#               http(s):// URL or an s3:// URL (needs the aws CLI): also install
+#               the service; Deployline's acceptance stage runs it so on the base
+#               image to make the application image.
 #               Defaults to $SAMPLE_SERVICE_ARTIFACT.
 #
 # Idempotent: re-running converges to the same state (packages present, user
@@ -29,7 +33,6 @@ log() { printf '[provision] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 ARTIFACT=${1:-${SAMPLE_SERVICE_ARTIFACT:-}}
-[ -n "$ARTIFACT" ] || die "usage: $0 <sample-service-<version>.tar.gz | http(s)://... | s3://...>"
 [ "$(id -u)" -eq 0 ] || die "must run as root"
 
 WORK=$(mktemp -d)
@@ -86,6 +89,11 @@ if ! getent passwd "$SERVICE_USER" >/dev/null; then
     log "creating system user $SERVICE_USER"
     useradd --system --gid "$SERVICE_USER" --home-dir "$INSTALL_DIR" --no-create-home \
         --shell "$NOLOGIN" --comment "sample-service" "$SERVICE_USER"
+fi
+
+if [ -z "$ARTIFACT" ]; then
+    log "done: base image prepared (no artifact given, nothing installed)"
+    exit 0
 fi
 
 # ---------------------------------------------------------------- artifact

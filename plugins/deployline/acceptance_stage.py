@@ -1,0 +1,196 @@
+"""Stage 3, ``3-acceptance``: the release in a real environment, then the application image."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+
+from airflow.sdk import TaskGroup, TriggerRule, chain, get_current_context, task
+
+from deployline import aws, images
+from deployline.baking_stage import builder_key, image_tags
+from deployline.commands import run_command
+from deployline.config import PipelineConfig
+from deployline.environments.base import EnvironmentSpec, environment_name
+from deployline.image_readiness import AmiAvailableSensor
+from deployline.releases import ReleaseRegistry, utcnow
+from deployline.sources import GitSource
+from deployline.workdirs import remove_workspace, workspace
+
+log = logging.getLogger(__name__)
+
+DOC = """\
+### 3-acceptance: a release candidate
+
+Runs when what ran before it succeeded (baking, the commit stage, or both).
+`select_inputs` picks the base image (baked by this run, else the last good one) and
+the artifact (built by this run, else the last published one). `provision_environment`
+(setup) starts an environment of the acceptance size with the configured driver (`{driver}`);
+`wait_until_healthy` waits for every worker or instance to answer `{health}`;
+`acceptance_test` runs the repository's acceptance tests at this commit against the
+environment's URL (output in the log); `teardown_environment` removes the environment on
+every path. Then the application image: `launch_image_builder` (setup) starts an instance
+from the base image, `install_artifact` installs the artifact (sha256 checked) with the
+provisioning script, `create_application_image` and the deferrable
+`wait_for_application_image` make the AMI `<app>-<version>`, and `terminate_image_builder`
+(teardown) removes the instance. `record_candidate` writes the release candidate to the
+registry.
+"""
+
+INSTALL_SCRIPT = """\
+set -euo pipefail
+artifact=/tmp/deployline-{version}.tar.gz
+aws s3 cp --only-show-errors {uri} "$artifact"
+echo "{sha256}  $artifact" | sha256sum -c -
+cat > /tmp/deployline-provision.sh <<'DEPLOYLINE_SCRIPT_END'
+{script}
+DEPLOYLINE_SCRIPT_END
+bash /tmp/deployline-provision.sh "$artifact"
+"""
+
+
+def select_release_inputs(registry: ReleaseRegistry, commit: dict) -> dict:
+    """The base image and artifact this version is tested with; raises when there is none yet."""
+    record = registry.get(commit["version"]) or {}
+    base = record.get("base_image") or registry.last_good_base_image(before_revision=commit["revision"])
+    artifact, artifact_version = record.get("artifact"), record.get("artifact_version", commit["version"])
+    if not artifact:
+        previous = registry.last_published(before_revision=commit["revision"])
+        if previous:
+            artifact, artifact_version = previous["artifact"], previous.get("artifact_version", previous["version"])
+    problems = [what for what, found in (("base image", base), ("artifact", artifact)) if not found]
+    if problems:
+        raise RuntimeError(
+            f"no {' and no '.join(problems)} for {commit['version']}: nothing was baked or built before it. "
+            "Trigger the pipeline for a commit that changes the application and the infrastructure."
+        )
+    return {"base_image": base, "artifact": artifact, "artifact_version": artifact_version}
+
+
+def acceptance_stage(config: PipelineConfig, commit) -> TaskGroup:
+    envs = config.environments
+
+    def env_name() -> str:
+        return environment_name(config.application, "acceptance", get_current_context()["run_id"])
+
+    with TaskGroup("3-acceptance", tooltip="environment, acceptance tests, application AMI") as group:
+        group.doc_md = DOC.format(driver=envs.driver, health=envs.health_path)
+
+        @task(task_id="select_inputs", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, retries=2)
+        def select_inputs(commit: dict) -> dict:
+            registry = ReleaseRegistry.for_config(config)
+            inputs = select_release_inputs(registry, commit)
+            registry.update(commit["version"], **inputs)
+            log.info("base image %s (%s), artifact %s of %s", inputs["base_image"]["id"],
+                     "baked now" if inputs["base_image"].get("version") == commit["version"] else "reused",
+                     inputs["artifact"]["uri"], inputs["artifact_version"])
+            return inputs
+
+        @task(task_id="provision_environment", retries=1)
+        def provision_environment(inputs: dict, commit: dict) -> dict:
+            ctx = get_current_context()
+            spec = EnvironmentSpec(
+                application=config.application, stage="acceptance", name=env_name(),
+                size=envs.sizes.acceptance, version=commit["version"], artifact=inputs["artifact"],
+                image_id=inputs["base_image"]["id"], labels={"run_id": ctx["run_id"]},
+            )
+            info = aws.environment_driver(config).provision(spec)
+            log.info("environment %s at %s (%d)", info.name, info.endpoint, info.size)
+            return info.to_dict()
+
+        @task(task_id="wait_until_healthy")
+        def wait_until_healthy() -> str:
+            info = aws.environment_driver(config).wait_until_healthy(env_name(), envs.health_path, envs.health_timeout)
+            log.info("environment %s is healthy at %s", info.name, info.endpoint)
+            return info.endpoint
+
+        @task(task_id="acceptance_test")
+        def acceptance_test(endpoint: str, inputs: dict, commit: dict) -> list[str]:
+            if config.acceptance is None:
+                raise RuntimeError(f"{config.source_file}: acceptance: no acceptance command is configured")
+            run_key = f"{get_current_context()['run_id']}-acceptance"
+            checkout = GitSource.from_repository(config.repository).checkout(
+                commit["sha"], workspace(config.application, run_key))
+            try:
+                command = config.acceptance.command.format(base_url=shlex.quote(endpoint))
+                env = {"BASE_URL": endpoint, "EXPECTED_VERSION": inputs["artifact_version"]}
+                return run_command(command, checkout / config.commit_stage.workdir, config.acceptance.timeout,
+                                   env=config.commit_stage.env | env, logger=log)
+            finally:
+                remove_workspace(config.application, run_key)
+
+        @task(task_id="teardown_environment")
+        def teardown_environment() -> None:
+            removed = aws.environment_driver(config).teardown(env_name())
+            log.info("environment %s %s", env_name(), "removed" if removed else "was already gone")
+
+        @task(task_id="launch_image_builder", retries=2)
+        def launch_image_builder(inputs: dict, commit: dict) -> str:
+            return images.launch_builder(
+                aws.ec2(config), key=builder_key(config, commit, "app"), image_id=inputs["base_image"]["id"],
+                instance_type=config.baking.instance_type, subnet_id=config.baking.subnet_id,
+                instance_profile=config.baking.instance_profile, tags=image_tags(config, commit, "builder"),
+            )
+
+        @task(task_id="install_artifact", retries=1)
+        def install_artifact(instance_id: str, inputs: dict, commit: dict) -> None:
+            script = GitSource.from_repository(config.repository).read_file(
+                commit["sha"], config.baking.provision_script)
+            artifact = inputs["artifact"]
+            result = images.run_provisioning(
+                aws.ssm(config), instance_id,
+                INSTALL_SCRIPT.format(version=commit["version"], uri=shlex.quote(artifact["uri"]),
+                                      sha256=artifact["sha256"], script=script),
+                config.baking.provision_timeout, comment=f"{config.application} {commit['version']} install",
+            )
+            log.info("install %s: %s\n%s", result["command_id"], result["status"], result["output"])
+
+        @task(task_id="create_application_image", retries=2)
+        def create_application_image(instance_id: str, inputs: dict, commit: dict) -> str:
+            tags = image_tags(config, commit, "application") | {
+                "deployline:base-image": inputs["base_image"]["id"],
+                "deployline:artifact-sha256": inputs["artifact"]["sha256"],
+            }
+            return images.create_image(
+                aws.ec2(config), instance_id=instance_id, name=f"{config.application}-{commit['version']}",
+                tags=tags, description=f"{config.application} {commit['version']} ({commit['sha']})",
+            )
+
+        @task(task_id="terminate_image_builder")
+        def terminate_image_builder(commit: dict) -> None:
+            ended = images.terminate_builders(aws.ec2(config), key=builder_key(config, commit, "app"))
+            log.info("terminated image builder(s): %s", ", ".join(ended) or "none left")
+
+        @task(task_id="record_candidate", retries=2)
+        def record_candidate(image_id: str, inputs: dict, commit: dict, test_output: list[str]) -> dict:
+            ctx = get_current_context()
+            candidate = {
+                "version": commit["version"], "commit": commit["sha"], "application_image": image_id,
+                "base_image": inputs["base_image"]["id"], "artifact": inputs["artifact"],
+                "artifact_version": inputs["artifact_version"], "acceptance_output": test_output[-10:],
+                "recorded_at": utcnow(), "run_id": ctx["run_id"],
+            }
+            ReleaseRegistry.for_config(config).update(
+                commit["version"], candidate=candidate, application_image={"id": image_id},
+                stages={"3-acceptance": {"result": "success", "finished_at": utcnow(), "run_id": ctx["run_id"]}},
+            )
+            log.info("release candidate %s: application image %s", commit["version"], image_id)
+            return candidate
+
+        inputs = select_inputs(commit)
+        environment = provision_environment(inputs, commit)
+        endpoint = wait_until_healthy()
+        tested = acceptance_test(endpoint, inputs, commit)
+        chain(environment, endpoint)
+        tested >> teardown_environment().as_teardown(setups=environment)
+
+        builder = launch_image_builder(inputs, commit)
+        image = create_application_image(builder, inputs, commit)
+        ready = AmiAvailableSensor(
+            task_id="wait_for_application_image", image_id=image, aws_conn_id=config.aws.conn_id,
+            region_name=config.aws.region, deferrable=True, poke_interval=15, timeout=config.baking.image_timeout,
+        )
+        recorded = record_candidate(image, inputs, commit, tested)
+        chain(tested, builder, install_artifact(builder, inputs, commit), image, ready, recorded)
+        recorded >> terminate_image_builder(commit).as_teardown(setups=builder)
+    return group

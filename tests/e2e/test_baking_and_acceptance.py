@@ -1,0 +1,112 @@
+"""Infrastructure commits bake a base AMI, application commits build; both end as release candidates."""
+
+import pytest
+from harness import images_of, leftovers
+
+pytestmark = pytest.mark.e2e
+
+BAKING = ("1-baking.resolve_base_image", "1-baking.launch_builder", "1-baking.provision_builder",
+          "1-baking.create_base_image", "1-baking.wait_for_base_image", "1-baking.record_base_image",
+          "1-baking.terminate_builder")
+ACCEPTANCE = ("3-acceptance.select_inputs", "3-acceptance.provision_environment", "3-acceptance.wait_until_healthy",
+              "3-acceptance.acceptance_test", "3-acceptance.teardown_environment",
+              "3-acceptance.launch_image_builder", "3-acceptance.install_artifact",
+              "3-acceptance.create_application_image", "3-acceptance.wait_for_application_image",
+              "3-acceptance.terminate_image_builder", "3-acceptance.record_candidate")
+
+
+def states_of(states, names):
+    return {states[n] for n in names}
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(e2e):
+    yield
+    assert leftovers(e2e) == {"builder_instances": [], "stacks": [], "environment_processes": [],
+                              "environment_folders": []}
+
+
+@pytest.fixture(scope="module")
+def seeded(e2e):
+    run = e2e.pipeline_run(e2e.seed)
+    assert run["state"] == "success", e2e.task_states(run)
+    return e2e.record(e2e.version(e2e.seed))
+
+
+def test_first_release_bakes_builds_and_becomes_a_candidate(e2e, seeded):
+    version = e2e.version(e2e.seed)
+    images = images_of(e2e, version)
+    assert set(images) == {"base", "application"}
+    assert all(i["State"] == "available" for i in images.values())
+    assert seeded["base_image"]["id"] == images["base"]["ImageId"] and seeded["base_image"]["baked"]
+    candidate = seeded["candidate"]
+    assert candidate["application_image"] == images["application"]["ImageId"]
+    assert candidate["base_image"] == images["base"]["ImageId"]
+    assert candidate["artifact"]["sha256"] == seeded["artifact"]["sha256"]
+    assert seeded["stages"]["3-acceptance"]["result"] == "success"
+
+
+def test_infrastructure_only_commit_bakes_and_reuses_the_artifact(e2e, seeded):
+    before = e2e.record(e2e.version(e2e.seed))
+    (sha,) = e2e.push({"infrastructure/provision.sh": (e2e.clone / "infrastructure/provision.sh").read_text()
+                       + "# tuned\n"}, "Tune provisioning")
+    run = e2e.pipeline_run(sha)
+    states = e2e.task_states(run)
+    assert run["state"] == "success", states
+    assert states_of(states, BAKING) == {"success"}
+    assert {s for t, s in states.items() if t.startswith("2-commit.")} == {"skipped"}
+    assert states_of(states, ACCEPTANCE) == {"success"}
+    record = e2e.record(e2e.version(sha))
+    assert record["classification"]["kind"] == "infrastructure"
+    assert record["base_image"]["baked"] and record["base_image"]["id"] != before["base_image"]["id"]
+    assert record["artifact"] == before["artifact"]  # the last artifact, reused
+    assert record["artifact_version"] == before["version"]
+    assert record["candidate"]["base_image"] == record["base_image"]["id"]
+    assert set(images_of(e2e, record["version"])) == {"base", "application"}
+
+
+def test_application_only_commit_bakes_nothing(e2e, seeded):
+    (sha,) = e2e.push({"src/sample_service/extra.py": '"""An application change."""\n'}, "Add a module")
+    run = e2e.pipeline_run(sha)
+    states = e2e.task_states(run)
+    assert run["state"] == "success", states
+    assert states_of(states, BAKING) == {"skipped"}
+    assert states_of(states, ACCEPTANCE) == {"success"}
+    record = e2e.record(e2e.version(sha))
+    assert record["classification"]["kind"] == "application"
+    assert "baked" not in record["base_image"] or record["base_image"]["version"] != record["version"]
+    assert record["artifact_version"] == record["version"]
+    assert set(images_of(e2e, record["version"])) == {"application"}
+
+
+def test_commit_touching_both_bakes_and_builds(e2e, seeded):
+    (sha,) = e2e.push({"infrastructure/README.md": "Infrastructure notes\n", "NOTES.md": "both\n"}, "Both")
+    run = e2e.pipeline_run(sha)
+    states = e2e.task_states(run)
+    assert run["state"] == "success", states
+    assert states_of(states, BAKING) == {"success"}
+    assert {s for t, s in states.items() if t.startswith("2-commit.")} == {"success"}
+    record = e2e.record(e2e.version(sha))
+    assert record["classification"]["kind"] == "both"
+    assert record["base_image"]["version"] == record["artifact_version"] == record["version"]
+    assert record["candidate"]
+
+
+def test_failing_acceptance_test_leaves_no_environment_and_no_candidate(e2e, seeded):
+    failing = "def test_regression(base_url):\n    raise AssertionError('acceptance regression')\n"
+    (sha,) = e2e.push({"tests/acceptance/test_regression.py": failing}, "Break acceptance")
+    try:
+        run = e2e.pipeline_run(sha)
+        states = e2e.task_states(run)
+        assert run["state"] == "failed"
+        assert states["3-acceptance.acceptance_test"] == "failed"
+        assert states["3-acceptance.teardown_environment"] == "success"
+        assert states["3-acceptance.record_candidate"] == "upstream_failed"
+        record = e2e.record(e2e.version(sha))
+        assert "candidate" not in record
+        assert record["stages"]["3-acceptance"]["result"] == "failed"
+        assert record["stages"]["3-acceptance"]["task"] == "3-acceptance.acceptance_test"
+        assert images_of(e2e, record["version"]) == {}
+    finally:
+        (fix,) = e2e.push({"tests/acceptance/test_regression.py": "def test_fixed():\n    pass\n"}, "Fix acceptance")
+        assert e2e.pipeline_run(fix)["state"] == "success"
