@@ -6,6 +6,7 @@ import logging
 import shlex
 
 from airflow.sdk import TaskGroup, TriggerRule, chain, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 from deployline import aws, images
 from deployline.baking_stage import builder_key, image_tags
@@ -78,6 +79,10 @@ def acceptance_stage(config: PipelineConfig, commit) -> TaskGroup:
 
         @task(task_id="select_inputs", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, retries=2)
         def select_inputs(commit: dict) -> dict:
+            # It also follows resolve_commit (for the commit): so say "nothing ran" explicitly.
+            kind = get_current_context()["ti"].xcom_pull(task_ids="classify_change", key="classification")["kind"]
+            if kind == "none":
+                raise AirflowSkipException("nothing was baked or built for this commit: no new candidate")
             registry = ReleaseRegistry.for_config(config)
             inputs = select_release_inputs(registry, commit)
             registry.update(commit["version"], **inputs)

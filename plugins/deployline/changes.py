@@ -28,7 +28,7 @@ class Classification:
 
 
 def classify(changed_paths: list[str], infrastructure_globs: list[str]) -> Classification:
-    spec = pathspec.PathSpec.from_lines("gitwildmatch", infrastructure_globs)
+    spec = pathspec.PathSpec.from_lines("gitignore", infrastructure_globs)
     infra = [p for p in changed_paths if spec.match_file(p)]
     app = [p for p in changed_paths if not spec.match_file(p)]
     kind = BOTH if infra and app else INFRASTRUCTURE if infra else APPLICATION if app else NONE

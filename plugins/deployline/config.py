@@ -34,7 +34,7 @@ def _valid_glob(pattern: str) -> str:
     if not pattern.strip():
         raise ValueError("empty glob")
     try:
-        pathspec.PathSpec.from_lines("gitwildmatch", [pattern])
+        pathspec.PathSpec.from_lines("gitignore", [pattern])
     except Exception as exc:
         raise ValueError(f"bad glob {pattern!r}: {exc}") from exc
     return pattern

@@ -91,7 +91,8 @@ def leftovers(e2e: E2E) -> dict[str, list]:
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
     envs_dir = e2e.home / "deployline" / "environments"
-    folders = sorted(p.name for p in envs_dir.iterdir() if p.is_dir()) if envs_dir.exists() else []
+    folders = sorted(p.name for p in envs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if envs_dir.exists() else []
     return {
         "builder_instances": [i["InstanceId"] for r in reservations for i in r["Instances"]],
         "stacks": stacks,

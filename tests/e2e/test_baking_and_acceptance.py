@@ -66,7 +66,8 @@ def test_infrastructure_only_commit_bakes_and_reuses_the_artifact(e2e, seeded):
 
 
 def test_application_only_commit_bakes_nothing(e2e, seeded):
-    (sha,) = e2e.push({"src/sample_service/extra.py": '"""An application change."""\n'}, "Add a module")
+    app = e2e.clone / "src/sample_service/app.py"
+    (sha,) = e2e.push({"src/sample_service/app.py": app.read_text() + "# An application change.\n"}, "Tweak the app")
     run = e2e.pipeline_run(sha)
     states = e2e.task_states(run)
     assert run["state"] == "success", states

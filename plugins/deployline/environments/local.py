@@ -1,0 +1,461 @@
+"""The ``local`` driver: an environment is real processes on 127.0.0.1, N workers behind one proxy.
+
+Processes run in their own session, so they outlive the Airflow task that started them; they are
+recorded in ``<root>/<name>/state.json`` with their pid and create time, so that teardown and list
+work from any later process and a recycled pid is never signalled.  Everything that changes an
+environment holds its fcntl lock; port allocation holds one lock for the whole root, so environments
+provisioned at the same time by different processes never get the same port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+import deployline
+from deployline import artifacts
+from deployline.config import LocalDriverSettings
+from deployline.environments.base import EnvironmentDriver, EnvironmentFailed, EnvironmentInfo, EnvironmentSpec
+from deployline.local_proxy import RELOAD_INTERVAL
+from deployline.workdirs import work_dir
+
+PORT_RANGE = (20000, 32000)  # below Linux's ephemeral ports, so outgoing connections do not take them
+# After this, the proxy routes every new request by a rewritten backends.json (it looks every RELOAD_INTERVAL).
+SWITCH_GRACE = 3 * RELOAD_INTERVAL
+STOP_TIMEOUT = 5.0
+START_TIMEOUT = 30.0  # for workers added by resize to listen
+LOG_TAIL = 20
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+_PLUGINS_DIR = Path(deployline.__file__).resolve().parents[1]
+_children: dict[int, subprocess.Popen] = {}  # started by this Python: to reap them and read exit codes
+
+
+class LocalDriver(EnvironmentDriver):
+    name = "local"
+
+    def __init__(self, s3_client, settings: LocalDriverSettings | None = None, root: Path | None = None):
+        self.s3 = s3_client
+        self.settings = settings or LocalDriverSettings()
+        self.root = Path(root) if root is not None else work_dir() / "environments"
+
+    # ------------------------------------------------------------------ the interface
+
+    def provision(self, spec: EnvironmentSpec) -> EnvironmentInfo:
+        with self._lock(spec.name):
+            state = self._read_state(spec.name)
+            if state is not None and state.get("status") == "ready":
+                if state["version"] != spec.version:
+                    raise EnvironmentFailed(
+                        f"environment {spec.name} exists with version {state['version']}, not {spec.version}"
+                    )
+                try:
+                    self._restart_dead(state)
+                except OSError as exc:
+                    raise EnvironmentFailed(f"environment {spec.name}: cannot restart a process: {exc}") from exc
+                return self._info(self._resize(state, spec.size))
+            self._remove(spec.name)  # the leftover of an interrupted provision, if any
+            try:
+                return self._create(spec)
+            except BaseException as exc:  # also a task being killed: leave no process behind
+                self._remove(spec.name)
+                if not isinstance(exc, Exception) or isinstance(exc, artifacts.ArtifactError | EnvironmentFailed):
+                    raise
+                raise EnvironmentFailed(f"environment {spec.name}: provisioning failed: {exc}") from exc
+
+    def wait_until_healthy(self, name: str, health_path: str, timeout: float) -> EnvironmentInfo:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self._require(name)
+            failing = []
+            for entry in state["processes"]:  # workers first, then the proxy
+                if entry.get("pid") is None:  # being started by a resize
+                    failing.append((entry, "starting"))
+                    continue
+                if not _alive(entry):
+                    raise EnvironmentFailed(self._died(name, entry))
+                ok, answer = _get(entry["port"], health_path)
+                if not ok:
+                    failing.append((entry, answer))
+            if not failing:
+                return self._info(state)
+            if time.monotonic() >= deadline:
+                entry, answer = failing[0]
+                problems = "; ".join(f"{_label(e)}: GET {health_path} -> {a}" for e, a in failing)
+                raise EnvironmentFailed(
+                    f"environment {name} not healthy after {timeout:g}s: {problems}\n"
+                    f"last lines of {entry['log']}:\n{_tail(entry['log'])}"
+                )
+            time.sleep(0.1)
+
+    def get(self, name: str) -> EnvironmentInfo | None:
+        state = self._read_state(name)
+        return self._info(state) if state else None
+
+    def resize(self, name: str, size: int) -> EnvironmentInfo:
+        with self._lock(name):
+            return self._info(self._resize(self._require(name), size))
+
+    def teardown(self, name: str) -> bool:
+        with self._lock(name):
+            return self._remove(name)
+
+    def list(self, application: str | None = None) -> list[EnvironmentInfo]:
+        if not self.root.is_dir():
+            return []
+        states = (self._read_state(p.name) for p in sorted(self.root.iterdir()) if (p / "state.json").is_file())
+        return [self._info(s) for s in states if s and application in (None, s["application"])]
+
+    def set_backends(self, name: str, backends: list[str | int]) -> None:
+        """Point the proxy at ``backends`` (URLs or local ports) atomically; for a blue/green switch.
+
+        Requests already sent to an old backend complete; stop old backends only after SWITCH_GRACE.
+        """
+        urls = [f"http://127.0.0.1:{b}" if isinstance(b, int) else b for b in backends]
+        _write_json(self._folder(name) / "backends.json", {"backends": urls})
+
+    # ------------------------------------------------------------------ creating and changing
+
+    def _create(self, spec: EnvironmentSpec) -> EnvironmentInfo:
+        folder = self._folder(spec.name)
+        (folder / "logs").mkdir(parents=True)
+        # Verified before anything is unpacked or started: a tampered artifact never runs.
+        tarball = artifacts.download_verified(self.s3, spec.artifact, folder / "artifact.tar.gz")
+        with tarfile.open(tarball) as tar:
+            tar.extractall(folder / "release", filter="data")  # no absolute paths, links out, devices...
+        tarball.unlink()
+        state = {**dataclasses.asdict(spec), "driver": self.name, "status": "provisioning", "processes": [],
+                 "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        new = self._reserve(state, ["worker"] * spec.size + ["proxy"])
+        for entry in new:
+            if entry["role"] == "proxy":  # last: it starts with the workers' list in place
+                self._write_backends(state)
+            self._start(state, entry)
+        state["status"] = "ready"
+        self._write_state(state)
+        return self._info(state)
+
+    def _resize(self, state: dict, size: int) -> dict:
+        if size < 1:
+            raise EnvironmentFailed(f"environment {state['name']}: size must be at least 1, got {size}")
+        workers = _workers(state)
+        if size > len(workers):
+            new = self._reserve(state, ["worker"] * (size - len(workers)))
+            try:
+                for entry in new:
+                    self._start(state, entry)
+                self._wait_listening(state["name"], new)
+            except Exception as exc:
+                _stop(new)
+                state["processes"] = [p for p in state["processes"] if p not in new]
+                self._write_state(state)
+                if isinstance(exc, EnvironmentFailed):
+                    raise
+                raise EnvironmentFailed(f"environment {state['name']}: cannot start workers: {exc}") from exc
+            self._write_backends(state)
+            time.sleep(SWITCH_GRACE)  # when resize returns, the proxy uses the new workers
+        elif size < len(workers):
+            removed = workers[size:]
+            state["processes"] = [p for p in state["processes"] if p not in removed]
+            self._write_backends(state)
+            self._write_state(state)
+            time.sleep(SWITCH_GRACE)  # the proxy stops sending new requests to them before they stop
+            _stop(removed)
+        state["size"] = size
+        self._write_state(state)
+        return state
+
+    def _restart_dead(self, state: dict) -> None:
+        """Start again, on the same port when possible, the processes that died since provisioning."""
+        dead = [p for p in state["processes"] if not _alive(p)]
+        if not dead:
+            return
+        _stop(dead)  # reaps them if they were ours
+        with self._ports_lock():
+            taken = self._taken_ports()
+            for entry in dead:
+                if entry["port"] in taken or not _bindable(entry["port"]):
+                    entry["port"] = self._free_ports(1, taken)[0]
+                taken.add(entry["port"])
+                entry["pid"] = None  # reserved
+            self._write_state(state)
+        self._write_backends(state)
+        for entry in dead:
+            self._start(state, entry)
+
+    def _reserve(self, state: dict, roles: list[str]) -> list[dict]:
+        """New process entries with free ports, recorded in the state before the lock is released."""
+        with self._ports_lock():
+            ports = self._free_ports(len(roles), self._taken_ports())
+            new = [{"role": role, "port": port, "pid": None} for role, port in zip(roles, ports, strict=True)]
+            state["processes"] = _workers(state) + [p for p in new if p["role"] == "worker"] + [
+                p for p in state["processes"] + new if p["role"] == "proxy"
+            ]
+            self._write_state(state)
+        return new
+
+    def _start(self, state: dict, entry: dict) -> None:
+        folder = self._folder(state["name"])
+        env = dict(os.environ)
+        if entry["role"] == "worker":
+            command = ["bash", "-c", self.settings.start_command.format(port=entry["port"])]
+            cwd = folder / "release"
+            env.update(self.settings.env)
+            env.update(DEPLOYLINE_ENVIRONMENT=state["name"], DEPLOYLINE_VERSION=state["version"])
+        else:
+            backends = str(folder / "backends.json")
+            command = [sys.executable, "-m", "deployline.local_proxy", "--port", str(entry["port"]), "--backends",
+                       backends]
+            cwd = folder
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PLUGINS_DIR), env.get("PYTHONPATH")) if p)
+            state["endpoint"] = f"http://127.0.0.1:{entry['port']}"
+        entry["log"] = str(folder / "logs" / f"{entry['role']}-{entry['port']}.log")
+        with open(entry["log"], "ab") as log:
+            process = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        _children[process.pid] = process
+        try:
+            created = psutil.Process(process.pid).create_time()
+        except psutil.Error:
+            created = None  # already gone: it shows as dead
+        entry.update(pid=process.pid, create_time=created, command=command)
+        self._write_state(state)  # at once: a crash now still leaves the pid for teardown
+
+    def _wait_listening(self, name: str, entries: list[dict]) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        for entry in entries:
+            while not _listening(entry["port"]):
+                if not _alive(entry):
+                    raise EnvironmentFailed(self._died(name, entry))
+                if time.monotonic() >= deadline:
+                    raise EnvironmentFailed(f"environment {name}: {_label(entry)} not listening after "
+                                            f"{START_TIMEOUT:g}s; last lines of {entry['log']}:\n{_tail(entry['log'])}")
+                time.sleep(0.05)
+
+    def _remove(self, name: str) -> bool:
+        folder = self._folder(name)
+        if not folder.exists():
+            return False
+        state = self._read_state(name)
+        _stop(state["processes"] if state else [])
+        shutil.rmtree(folder, ignore_errors=True)
+        return True
+
+    # ------------------------------------------------------------------ files, locks and ports
+
+    def _folder(self, name: str) -> Path:
+        if not _NAME.match(name):
+            raise EnvironmentFailed(f"environment name {name!r} is not a safe folder name")
+        return self.root / name
+
+    def _read_state(self, name: str) -> dict | None:
+        try:
+            return json.loads((self._folder(name) / "state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def _require(self, name: str) -> dict:
+        state = self._read_state(name)
+        if state is None:
+            raise EnvironmentFailed(f"environment {name} does not exist")
+        return state
+
+    def _write_state(self, state: dict) -> None:
+        _write_json(self._folder(state["name"]) / "state.json", state)
+
+    def _write_backends(self, state: dict) -> None:
+        self.set_backends(state["name"], [p["port"] for p in _workers(state)])
+
+    @contextlib.contextmanager
+    def _flock(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file is closed, or the process dies
+            yield
+
+    def _lock(self, name: str):
+        self._folder(name)  # validates the name
+        return self._flock(self.root / ".locks" / f"{name}.lock")
+
+    def _ports_lock(self):
+        return self._flock(self.root / ".locks" / "ports.lock")
+
+    def _taken_ports(self) -> set[int]:
+        """Ports of live processes and of reservations (pid None) in every environment's state."""
+        taken = set()
+        for path in self.root.glob("*/state.json"):
+            state = self._read_state(path.parent.name) or {}
+            taken.update(p["port"] for p in state.get("processes", []) if p.get("pid") is None or _alive(p))
+        return taken
+
+    @staticmethod
+    def _free_ports(count: int, taken: set[int]) -> list[int]:
+        low, high = PORT_RANGE
+        start = random.randrange(low, high)  # a random start: concurrent allocators rarely scan the same ports
+        ports = []
+        for offset in range(high - low):
+            port = low + (start - low + offset) % (high - low)
+            if port not in taken and _bindable(port):
+                ports.append(port)
+                if len(ports) == count:
+                    return ports
+        raise EnvironmentFailed(f"no {count} free ports in {low}-{high}")
+
+    def _info(self, state: dict) -> EnvironmentInfo:
+        processes = [{k: p.get(k) for k in ("role", "pid", "port", "log")} | {"alive": _alive(p)}
+                     for p in state["processes"]]
+        return EnvironmentInfo(
+            name=state["name"], application=state["application"], stage=state["stage"],
+            version=state["version"], size=len(_workers(state)), endpoint=state.get("endpoint", ""),
+            driver=self.name, created_at=state["created_at"], labels=state.get("labels", {}),
+            details={"status": state.get("status"), "folder": str(self._folder(state["name"])),
+                     "artifact": state["artifact"].get("uri"), "image_id": state.get("image_id"),
+                     "processes": processes},
+        )
+
+    def _died(self, name: str, entry: dict) -> str:
+        code = _exit_code(entry)
+        how = f"exited with code {code}" if code is not None else "is not running"
+        log = entry.get("log")
+        return f"environment {name}: {_label(entry)} {how}; last lines of {log}:\n{_tail(log)}"
+
+
+# ---------------------------------------------------------------------- processes
+
+
+def _workers(state: dict) -> list[dict]:
+    return [p for p in state["processes"] if p["role"] == "worker"]
+
+
+def _label(entry: dict) -> str:
+    return f"{entry['role']} on port {entry['port']} (pid {entry.get('pid')})"
+
+
+def _alive(entry: dict) -> bool:
+    """The recorded process is still running (not a recycled pid, not a zombie)."""
+    if not entry.get("pid") or entry.get("create_time") is None:
+        return False
+    child = _children.get(entry["pid"])
+    if child is not None and child.poll() is not None:
+        return False  # ours, and now reaped
+    try:
+        process = psutil.Process(entry["pid"])
+        # create_time is boot time + ticks; the boot time can move a little when the clock is adjusted.
+        return abs(process.create_time() - entry["create_time"]) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _exit_code(entry: dict) -> int | None:
+    child = _children.get(entry.get("pid"))
+    return child.poll() if child is not None else None  # only known for processes this Python started
+
+
+def _stop(entries: list[dict]) -> None:
+    """SIGTERM each live process group, SIGKILL what is left after STOP_TIMEOUT; never a recycled pid."""
+    procs = []
+    for entry in entries:
+        if not _alive(entry):
+            continue
+        try:
+            leader = psutil.Process(entry["pid"])
+            procs += [leader, *leader.children(recursive=True)]
+            os.killpg(entry["pid"], signal.SIGTERM)  # its own session: the group is the worker and its children
+        except (psutil.Error, OSError):
+            pass  # gone meanwhile
+    left = _wait_gone(procs, STOP_TIMEOUT)
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.kill()  # psutil checks that the pid is still this process
+    _wait_gone(left, 2.0)
+    for entry in entries:
+        if entry.get("pid") in _children and _children[entry["pid"]].poll() is not None:
+            del _children[entry["pid"]]
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in procs if _running(p)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
+def _running(process: psutil.Process) -> bool:
+    child = _children.get(process.pid)
+    if child is not None and child.poll() is not None:
+        return False
+    try:
+        # An orphan's zombie stays until init reaps it (some container inits never do): it is gone.
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _tail(path: str | None, lines: int = LOG_TAIL) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 64 * 1024))
+            return b"\n".join(fh.read().splitlines()[-lines:]).decode("utf-8", "replace")
+    except (OSError, TypeError):
+        return "(no log)"
+
+
+# ---------------------------------------------------------------------- sockets and files
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
+def _get(port: int, path: str) -> tuple[bool, str]:
+    """GET http://127.0.0.1:<port><path> with http.client: no proxy settings from the environment apply."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return 200 <= response.status < 300, f"HTTP {response.status}"
+    except (OSError, http.client.HTTPException) as exc:
+        return False, repr(exc)
+    finally:
+        conn.close()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write temp + os.replace: readers (the proxy, other processes) never see half a file."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+    os.replace(temp, path)
