@@ -6,9 +6,27 @@ import time
 
 import requests
 
+API_CONN_ID = "deployline_api"
+
 
 class AirflowApiError(RuntimeError):
     pass
+
+
+def api_from_connection(conn_id: str = API_CONN_ID) -> AirflowApi | None:
+    """A client logged in with the http connection ``deployline_api`` (host = API base URL), if it exists.
+
+    Tasks use it to read what the task SDK does not expose: task notes and the event log.
+    """
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return None
+    base = conn.host if "://" in (conn.host or "") else f"http://{conn.host}:{conn.port or 8080}"
+    return AirflowApi(base, conn.login, conn.password)
 
 
 class AirflowApi:

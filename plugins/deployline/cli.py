@@ -16,11 +16,11 @@ from deployline.config import PROJECT_ROOT, load_pipeline_config
 DEMO_APP = "sample_service"
 
 
-def _banner(base: str, password: str, clone: Path, bare: Path, moto: str) -> str:
+def _banner(base: str, password: str, approver: str, clone: Path, bare: Path, moto: str) -> str:
     return f"""
 Deployline demo is running.
 
-  Airflow UI   {base}      login: admin / {password}
+  Airflow UI   {base}      login: admin / {password}   (approver: approver / {approver})
   Moto (AWS)   {moto}      bucket: s3://{os.environ.get('DEPLOYLINE_ARTIFACT_BUCKET', 'deployline-artifacts')}
   Repository   {bare}
   Your clone   {clone}
@@ -67,8 +67,8 @@ def demo(args: argparse.Namespace) -> int:
         print(f"starting airflow standalone on port {args.api_port} (log: {state / 'logs' / 'airflow.log'}) ...",
               flush=True)
         base = embedded.start_airflow(stack, env, state / "logs" / "airflow.log")
-        password = embedded.admin_password(home)
-        print(_banner(base, password, clone, bare, moto), flush=True)
+        password = embedded.password(home)
+        print(_banner(base, password, embedded.password(home, "approver"), clone, bare, moto), flush=True)
         if args.headless:
             return _follow_first_run(base, password, head)
         while True:

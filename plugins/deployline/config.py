@@ -148,6 +148,27 @@ class Acceptance(_Strict):
     timeout: Annotated[int, Field(gt=0, le=6 * 3600)] = 900
 
 
+class SelfService(_Strict):
+    default_ttl_hours: Annotated[float, Field(gt=0, le=24 * 30)] = 8
+    max_ttl_hours: Annotated[float, Field(gt=0, le=24 * 30)] = 72
+    max_size: Annotated[int, Field(ge=1, le=20)] = 3
+
+
+class Gate(_Strict):
+    mode: Literal["hitl", "sensor"] = Field(
+        default="hitl",
+        description="hitl: Airflow's ApprovalOperator (Approve/Reject buttons); sensor: a sensor that waits "
+        "until a person marks it; either way marking the task success approves and failed rejects",
+    )
+    timeout_hours: Annotated[float, Field(gt=0, le=24 * 90)] = 168
+
+
+class Approvals(_Strict):
+    approver_role: str = "ReleaseApprover"
+    exploratory: Gate = Gate()
+    production: Gate = Gate()
+
+
 class Aws(_Strict):
     conn_id: str = "aws_default"
     region: str = Field(default="us-east-1", pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")
@@ -167,6 +188,12 @@ class PipelineConfig(_Strict):
     baking: Baking = Baking()
     environments: Environments = Environments()
     acceptance: Acceptance | None = None
+    self_service: SelfService = SelfService()
+    approvals: Approvals = Approvals()
+    notification_topic_arn: str | None = Field(
+        default=None, pattern=r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}$",
+        description="SNS topic for approvals and failures; default: the topic deployline-<application>",
+    )
     aws: Aws
     source_file: str = Field(default="", exclude=True)
 

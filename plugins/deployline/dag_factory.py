@@ -21,12 +21,20 @@ def build_pipeline_dags(namespace: dict) -> list[str]:
     configs, errors = load_all()
     for error in errors:
         log.warning("skipping pipeline config: %s", error)
-    built = []
+    from deployline.approvals import GATES, build_gate_dag
+    try:  # TEMPORARY until self_service lands
+        from deployline.self_service import build_reaper_dag, build_self_service_dag
+    except ImportError:
+        build_reaper_dag = build_self_service_dag = None
+
+    dags = [build_reaper_dag(configs)] if build_reaper_dag else []
     for config in configs:
-        for dag in (build_poll_dag(config), build_pipeline_dag(config)):
-            namespace[dag.dag_id] = dag
-            built.append(dag.dag_id)
-    return built
+        dags += [build_poll_dag(config), build_pipeline_dag(config)]
+        dags += [build_self_service_dag(config)] if build_self_service_dag else []
+        dags += [build_gate_dag(config, gate) for gate in GATES]
+    for dag in dags:
+        namespace[dag.dag_id] = dag
+    return [dag.dag_id for dag in dags]
 
 
 def check_configs() -> None:

@@ -103,11 +103,28 @@ def aws_connection_uri(endpoint: str, region: str = REGION) -> str:
     })
 
 
+USERS = {"admin": "admin", "approver": "op"}  # simple auth manager: user -> role
+
+
+def prepare_users(home: Path) -> dict[str, str]:
+    """Passwords of the demo users, written where the simple auth manager keeps them (it keeps existing ones)."""
+    import secrets
+
+    path = home / "simple_auth_manager_passwords.json.generated"
+    passwords = json.loads(path.read_text()) if path.exists() else {}
+    for user in USERS:
+        passwords.setdefault(user, secrets.token_urlsafe(12))
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(passwords))
+    return passwords
+
+
 def airflow_env(
     home: Path, api_port: int, moto_endpoint: str, extra: dict[str, str] | None = None
 ) -> dict[str, str]:
     """Environment for ``airflow standalone`` on this project (see docs/PERFORMANCE.md for the tuning)."""
     venv_bin = str(Path(sys.executable).parent)
+    passwords = prepare_users(home)
     env = dict(os.environ)
     env.update(AWS_KEYS)
     env.update({
@@ -127,6 +144,11 @@ def airflow_env(
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
         "AIRFLOW__CORE__PARALLELISM": "16",
         "AIRFLOW_CONN_AWS_DEFAULT": aws_connection_uri(moto_endpoint),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in USERS.items()),
+        # Approval gates read the decision's note and event log through the REST API.
+        "AIRFLOW_CONN_DEPLOYLINE_API": json.dumps({
+            "conn_type": "http", "host": f"http://localhost:{api_port}",
+            "login": "admin", "password": passwords["admin"]}),
         "DEPLOYLINE_WORK_DIR": str(home / "deployline"),
         "PYTHONUNBUFFERED": "1",
     })
@@ -226,6 +248,5 @@ def start_airflow(stack: Stack, env: dict, log_path: Path, timeout: float = 240)
     return base
 
 
-def admin_password(home: Path) -> str:
-    path = home / "simple_auth_manager_passwords.json.generated"
-    return wait_until(lambda: json.loads(path.read_text()).get("admin"), 60, f"{path}")
+def password(home: Path, user: str = "admin") -> str:
+    return json.loads((home / "simple_auth_manager_passwords.json.generated").read_text())[user]

@@ -12,6 +12,8 @@ from deployline.changes import BOTH, Classification, classify
 from deployline.commit_stage import commit_stage
 from deployline.config import PipelineConfig
 from deployline.dag_defaults import START_DATE, default_args
+from deployline.exploratory_stage import exploratory_stage
+from deployline.notifications import PipelineFailureNotifier
 from deployline.releases import ReleaseRegistry, make_version, utcnow
 from deployline.sources import GitSource
 
@@ -35,6 +37,8 @@ empty to build the branch head).
 * `2-commit`: build, unit tests, static analysis, artifact to S3.
 * `3-acceptance`: an environment ({driver} driver) with the artifact, the acceptance tests
   against it, then the application AMI; the result is a release candidate.
+* `5-exploratory`: asks `{app}_approve_exploratory` for approval and waits (deferred) while
+  people try the candidate in their self-service environments (`{app}_self_service`).
 
 A failed task is written to the release record (stage, task, error).
 
@@ -51,7 +55,7 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
         start_date=START_DATE,
         catchup=False,
         max_active_runs=4,
-        default_args=default_args(on_failure_callback=_failure_recorder(config)),
+        default_args=default_args(on_failure_callback=[_failure_recorder(config), PipelineFailureNotifier(config)]),
         tags=["deployline", config.application],
         doc_md=DOC.format(
             app=config.application,
@@ -124,7 +128,9 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
         commit = resolve_commit()
         branch = classify_change(commit)
         built = [baking_stage(config, commit), commit_stage(config, commit)]
-        chain(commit, branch, built, acceptance_stage(config, commit))
+        acceptance = acceptance_stage(config, commit)
+        candidate = acceptance.children["3-acceptance.record_candidate"]
+        chain(commit, branch, built, acceptance, exploratory_stage(config, commit, candidate))
     return dag
 
 

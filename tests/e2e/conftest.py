@@ -41,6 +41,9 @@ def e2e(tmp_path_factory):
         config = yaml.safe_load((ROOT / "include" / "pipelines" / f"{APP}.yaml").read_text())
         # Poll continuously in short pokes, so a push is seen within seconds.
         config["polling"] = {"schedule": "* * * * *", "poke_interval": 3, "timeout": 55}
+        # Approvals time out after 90 s, so that "no decision is a rejection" can be seen.
+        config["approvals"] = {"exploratory": {"mode": "hitl", "timeout_hours": 0.025},
+                               "production": {"mode": "hitl", "timeout_hours": 0.025}}
         (pipelines / f"{APP}.yaml").write_text(yaml.safe_dump(config))
 
         home = root / "airflow"
@@ -50,7 +53,7 @@ def e2e(tmp_path_factory):
             "DEPLOYLINE_ARTIFACT_BUCKET": BUCKET,
         })
         base = embedded.start_airflow(stack, env, ARTIFACTS / "airflow.log")
-        api = AirflowApi(base, "admin", embedded.admin_password(home))
+        api = AirflowApi(base, "admin", embedded.password(home))
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name=embedded.REGION,
                           aws_access_key_id="testing", aws_secret_access_key="testing")
         yield E2E(api, s3, clone, bare, home, seed)

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 APP = "sample_service"
 BUCKET = "deployline-e2e"
 ARTIFACTS = ROOT / "test-artifacts" / "e2e"
+CANDIDATE = "3-acceptance.record_candidate"
+FINISHED = ("success", "failed", "upstream_failed", "skipped")
 
 
 @dataclass
@@ -45,11 +47,25 @@ class E2E:
     def version(self, sha: str) -> str:
         return f"r{self.revision(sha)}-{sha[:10]}"
 
-    def pipeline_run(self, sha: str, timeout: float = 600) -> dict:
-        """Wait for the polled pipeline run of ``sha`` to appear and to finish."""
+    def pipeline_run(self, sha: str, until: str | None = None, timeout: float = 600) -> dict:
+        """Wait for the polled pipeline run of ``sha`` to appear and to finish, or only until task
+        ``until`` is done (runs of candidates go on to wait for approval)."""
         dag_id, run_id = f"{APP}_pipeline", pipeline_run_id(sha)
         embedded.wait_until(lambda: _exists(self.api, dag_id, run_id), 180, f"poll to start {run_id}", interval=2)
-        return self.api.wait_for_run(dag_id, run_id, timeout=timeout)
+        if until is None:
+            return self.api.wait_for_run(dag_id, run_id, timeout=timeout)
+
+        def done():
+            run = self.api.run(dag_id, run_id)
+            state = self.api.task_instances(dag_id, run_id).get(until, {}).get("state")
+            return run if run["state"] in ("success", "failed") or state in FINISHED else None
+
+        return embedded.wait_until(done, timeout, f"{run_id} to finish {until}", interval=2)
+
+    def candidate_run(self, sha: str) -> tuple[dict, dict[str, str | None]]:
+        """The pipeline run of ``sha`` up to its release candidate, and its task states."""
+        run = self.pipeline_run(sha, until=CANDIDATE)
+        return run, self.task_states(run)
 
     def task_states(self, run: dict) -> dict[str, str | None]:
         return {tid: ti["state"] for tid, ti in self.api.task_instances(run["dag_id"], run["dag_run_id"]).items()}

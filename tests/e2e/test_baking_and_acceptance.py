@@ -1,7 +1,7 @@
 """Infrastructure commits bake a base AMI, application commits build; both end as release candidates."""
 
 import pytest
-from harness import images_of, leftovers
+from harness import CANDIDATE, images_of, leftovers
 
 pytestmark = pytest.mark.e2e
 
@@ -28,8 +28,8 @@ def nothing_left_behind(e2e):
 
 @pytest.fixture(scope="module")
 def seeded(e2e):
-    run = e2e.pipeline_run(e2e.seed)
-    assert run["state"] == "success", e2e.task_states(run)
+    run, states = e2e.candidate_run(e2e.seed)
+    assert states[CANDIDATE] == "success", states
     return e2e.record(e2e.version(e2e.seed))
 
 
@@ -50,9 +50,8 @@ def test_infrastructure_only_commit_bakes_and_reuses_the_artifact(e2e, seeded):
     before = e2e.record(e2e.version(e2e.seed))
     (sha,) = e2e.push({"infrastructure/provision.sh": (e2e.clone / "infrastructure/provision.sh").read_text()
                        + "# tuned\n"}, "Tune provisioning")
-    run = e2e.pipeline_run(sha)
-    states = e2e.task_states(run)
-    assert run["state"] == "success", states
+    run, states = e2e.candidate_run(sha)
+    assert states[CANDIDATE] == "success", states
     assert states_of(states, BAKING) == {"success"}
     assert {s for t, s in states.items() if t.startswith("2-commit.")} == {"skipped"}
     assert states_of(states, ACCEPTANCE) == {"success"}
@@ -68,9 +67,8 @@ def test_infrastructure_only_commit_bakes_and_reuses_the_artifact(e2e, seeded):
 def test_application_only_commit_bakes_nothing(e2e, seeded):
     app = e2e.clone / "src/sample_service/app.py"
     (sha,) = e2e.push({"src/sample_service/app.py": app.read_text() + "# An application change.\n"}, "Tweak the app")
-    run = e2e.pipeline_run(sha)
-    states = e2e.task_states(run)
-    assert run["state"] == "success", states
+    run, states = e2e.candidate_run(sha)
+    assert states[CANDIDATE] == "success", states
     assert states_of(states, BAKING) == {"skipped"}
     assert states_of(states, ACCEPTANCE) == {"success"}
     record = e2e.record(e2e.version(sha))
@@ -82,9 +80,8 @@ def test_application_only_commit_bakes_nothing(e2e, seeded):
 
 def test_commit_touching_both_bakes_and_builds(e2e, seeded):
     (sha,) = e2e.push({"infrastructure/README.md": "Infrastructure notes\n", "NOTES.md": "both\n"}, "Both")
-    run = e2e.pipeline_run(sha)
-    states = e2e.task_states(run)
-    assert run["state"] == "success", states
+    run, states = e2e.candidate_run(sha)
+    assert states[CANDIDATE] == "success", states
     assert states_of(states, BAKING) == {"success"}
     assert {s for t, s in states.items() if t.startswith("2-commit.")} == {"success"}
     record = e2e.record(e2e.version(sha))
@@ -110,4 +107,4 @@ def test_failing_acceptance_test_leaves_no_environment_and_no_candidate(e2e, see
         assert images_of(e2e, record["version"]) == {}
     finally:
         (fix,) = e2e.push({"tests/acceptance/test_regression.py": "def test_fixed():\n    pass\n"}, "Fix acceptance")
-        assert e2e.pipeline_run(fix)["state"] == "success"
+        assert e2e.candidate_run(fix)[1][CANDIDATE] == "success"

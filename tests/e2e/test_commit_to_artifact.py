@@ -5,7 +5,7 @@ import time
 
 import pytest
 from deployline import embedded
-from harness import APP, BUCKET
+from harness import APP, BUCKET, CANDIDATE
 
 pytestmark = pytest.mark.e2e
 
@@ -16,8 +16,8 @@ def test_dags_are_loaded_without_import_errors(e2e):
 
 
 def test_first_commit_builds_everything(e2e):
-    run = e2e.pipeline_run(e2e.seed)
-    assert run["state"] == "success", e2e.task_states(run)
+    run, states = e2e.candidate_run(e2e.seed)
+    assert states[CANDIDATE] == "success", states
     record = e2e.record(e2e.version(e2e.seed))
     # No release before it: everything counts as changed, infrastructure included.
     assert record["classification"]["kind"] == "both"
@@ -30,11 +30,10 @@ def test_new_commits_are_polled_built_and_published(e2e):
     # Two commits in one push: the newest is built, and its run records both.
     parent = embedded.git("rev-parse", "HEAD", cwd=e2e.clone)  # built by the test before
     older, newest = e2e.push({"NOTES.md": "Release notes"}, "Add release notes", commits=2)
-    run = e2e.pipeline_run(newest)
-    states = e2e.task_states(run)
-    assert run["state"] == "success", states
+    run, states = e2e.candidate_run(newest)
+    assert states[CANDIDATE] == "success", states
     assert run["conf"]["commit"] == newest
-    assert {t: s for t, s in states.items() if not t.startswith(("1-", "3-"))} == {
+    assert {t: s for t, s in states.items() if not t.startswith(("1-", "3-", "5-"))} == {
         "resolve_commit": "success", "classify_change": "success", "2-commit.checkout": "success",
         "2-commit.build": "success", "2-commit.unit_test": "success", "2-commit.static_analysis": "success",
         "2-commit.publish_artifact": "success", "2-commit.clean_workspace": "success",
@@ -73,7 +72,7 @@ def test_a_commit_that_changes_nothing_is_recorded_and_builds_nothing(e2e):
     states = e2e.task_states(run)
     assert run["state"] == "success"
     assert states["classify_change"] == "success"
-    assert {s for t, s in states.items() if t.startswith(("1-", "2-", "3-"))} == {"skipped"}
+    assert {s for t, s in states.items() if t.startswith(("1-", "2-", "3-", "5-"))} == {"skipped"}
     record = e2e.record(e2e.version(sha))
     assert record["classification"]["kind"] == "none" and record["changed_paths"] == []
     assert "artifact" not in record
@@ -101,4 +100,4 @@ def test_failing_unit_test_fails_the_commit_stage_and_publishes_nothing(e2e):
     finally:
         (fix,) = e2e.push({"tests/unit/test_regression.py": "def test_regression():\n    assert 1 + 1 == 2\n"},
                           "Fix the test")
-        assert e2e.pipeline_run(fix)["state"] == "success"
+        assert e2e.candidate_run(fix)[1][CANDIDATE] == "success"

@@ -1,0 +1,226 @@
+"""Approval gates: ``<app>_approve_<gate>`` DAGs and the pipeline tasks that ask and wait.
+
+A gate run is created by the pipeline's ``request_approval`` with the pipeline run's own
+run id and logical date; its task ``decision`` waits for a person.  Marking ``decision``
+success approves, failed rejects (the note is the comment); with the human-in-the-loop
+mode the Approve and Reject buttons on the Required Actions page do the same.  The
+pipeline waits with a deferrable ``ExternalTaskSensor``, so a waiting release holds no
+worker slot.  ``record_decision`` writes who decided, when and why to the release record.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from airflow.providers.amazon.aws.operators.sns import SnsPublishOperator
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.providers.standard.sensors.external_task import ExternalTaskSensor
+from airflow.sdk import DAG, BaseSensorOperator, Param, TriggerRule, chain, get_current_context, task
+
+from deployline import notifications
+from deployline.airflow_api import api_from_connection
+from deployline.config import PipelineConfig
+from deployline.dag_defaults import START_DATE, default_args
+from deployline.releases import ReleaseRegistry, utcnow
+
+log = logging.getLogger(__name__)
+
+GATES = ("exploratory", "production")
+APPROVED, REJECTED, TIMED_OUT = "approved", "rejected", "timed_out"
+
+GATE_DOC = """\
+## {app}: {gate} approval
+
+One run per pipeline run that asks for {gate} approval (same run id). Task `decision`
+waits for a person with the `{role}` role:
+
+* **Approve**: mark `decision` as *success* (Task Instance, "Mark as", with a note as
+  your comment){hitl_hint}.
+* **Reject**: mark it *failed* (or Reject). The release stops at this stage.
+
+No decision within {hours:g} hours counts as a rejection. `record_decision` writes the
+decision, the person, the time and the note to the release record, and a message goes
+to the application's notification topic. The release under decision is described in
+this run's conf (version, commit, images, links).
+"""
+
+
+def gate_dag_id(config: PipelineConfig, gate: str) -> str:
+    return f"{config.application}_approve_{gate}"
+
+
+class AwaitDecisionSensor(BaseSensorOperator):
+    """Waits until a person marks it success (approve) or failed (reject); never succeeds by itself.
+
+    Reschedule mode: between looks it holds no worker slot.  Its timeout is the approval
+    timeout, after which it fails: no decision is a rejection.
+    """
+
+    ui_color = "#fff3cd"
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("mode", "reschedule")
+        super().__init__(**kwargs)
+
+    def poke(self, context) -> bool:
+        conf = context["dag_run"].conf or {}
+        self.log.info("waiting for a person to approve or reject %s (%s)", conf.get("version"), conf.get("links", {}))
+        return False
+
+
+def decision_outcome(state: str | None, hitl: dict | None, timed_out: bool) -> str:
+    """approved / rejected / timed_out, from the decision task's final state and HITL answer."""
+    if state == "success":
+        return APPROVED
+    if hitl and hitl.get("chosen_options") == ["Reject"]:
+        return REJECTED
+    return TIMED_OUT if timed_out else REJECTED
+
+
+def who_decided(hitl: dict | None, task_instance: dict | None, events: list[dict]) -> dict:
+    """The person and comment, from the HITL response or else from the REST API (note, event log)."""
+    if hitl and hitl.get("responded_by_user"):
+        user = hitl["responded_by_user"]
+        params = hitl.get("params_input") or {}
+        return {"by": user.get("name") or user.get("id"), "via": "required action",
+                "at": str(hitl.get("responded_at") or ""), "note": params.get("comment") or ""}
+    marks = [e for e in events if e.get("event") == "patch_task_instance"]
+    latest = max(marks, key=lambda e: e.get("when") or "", default=None)
+    return {
+        "by": (latest or {}).get("owner") or "unknown",
+        "via": "marked in the UI or REST API" if latest else "no person (timeout or system)",
+        "at": (latest or {}).get("when") or "",
+        "note": (task_instance or {}).get("note") or "",
+    }
+
+
+def build_gate_dag(config: PipelineConfig, gate: str) -> DAG:
+    settings = getattr(config.approvals, gate)
+    timeout = timedelta(hours=settings.timeout_hours)
+    role = config.approvals.approver_role
+    with DAG(
+        dag_id=gate_dag_id(config, gate),
+        description=f"{gate.capitalize()} approval of {config.application} releases",
+        schedule=None,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=64,
+        default_args=default_args(),
+        tags=["deployline", config.application, "approval"],
+        # With the FAB auth manager only this role can edit (decide) runs of this gate.
+        access_control={role: {"DAGs": {"can_read", "can_edit"}, "DAG Runs": {"can_read", "can_create"}}},
+        doc_md=GATE_DOC.format(app=config.application, gate=gate, role=role, hours=settings.timeout_hours,
+                               hitl_hint=", or press **Approve** on the Required Actions page"
+                               if settings.mode == "hitl" else ""),
+    ) as dag:
+        if settings.mode == "hitl":
+            decision = ApprovalOperator(
+                task_id="decision",
+                subject=f"{gate.capitalize()} approval: {config.application} "
+                        "{{ dag_run.conf.get('version', '?') }}",
+                body="{{ dag_run.conf.get('summary', '') }}",
+                params={"comment": Param("", type="string", title="Comment")},
+                fail_on_reject=True,
+                response_timeout=timeout,
+            )
+        else:
+            decision = AwaitDecisionSensor(task_id="decision", timeout=timeout.total_seconds(), poke_interval=30)
+
+        @task(task_id="record_decision", trigger_rule=TriggerRule.ALL_DONE, retries=2)
+        def record_decision() -> dict:
+            ctx = get_current_context()
+            ti, conf = ctx["ti"], ctx["dag_run"].conf or {}
+            states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id], task_ids=["decision"])
+            state = states.get(ti.run_id, {}).get("decision")
+            hitl, task_instance, events = None, None, []
+            api = api_from_connection()
+            if api is not None:
+                path = f"/dags/{ti.dag_id}/dagRuns/{ti.run_id}/taskInstances/decision"
+                task_instance = api.get(path)
+                events = api.get("/eventLogs", dag_id=ti.dag_id, run_id=ti.run_id, task_id="decision",
+                                 event="patch_task_instance", limit=50)["event_logs"]
+                if settings.mode == "hitl":
+                    detail = api.get(f"{path}/-1/hitlDetails")
+                    hitl = detail if detail.get("response_received") else None
+            else:
+                log.warning("no %r connection: who decided cannot be read from the REST API", "deployline_api")
+            started = (task_instance or {}).get("start_date")
+            timed_out = api is not None and not events and not hitl
+            outcome = decision_outcome(state, hitl, timed_out)
+            decided = {"gate": gate, "decision": outcome, "mode": settings.mode, "requested_at": started,
+                       "recorded_at": utcnow(), **who_decided(hitl, task_instance, events)}
+            if conf.get("version"):
+                ReleaseRegistry.for_config(config).update(conf["version"], approvals={gate: decided})
+            notifications.publish(config, f"{config.application} {conf.get('version')}: {gate} {outcome}",
+                                  f"{gate} approval of {conf.get('version')} {outcome} by {decided['by']}"
+                                  f" ({decided['via']}). Note: {decided['note'] or '-'}\n"
+                                  f"Pipeline run: {conf.get('links', {}).get('pipeline_run', '')}")
+            log.info("%s approval of %s: %s by %s (%s)", gate, conf.get("version"), outcome, decided["by"],
+                     decided["note"])
+            return decided
+
+        chain(decision, record_decision())
+    return dag
+
+
+def approval_tasks(config: PipelineConfig, gate: str, commit, after) -> tuple:
+    """``describe_release -> request_approval (+ notify) -> await_approval`` inside a stage's group.
+
+    ``after`` is the task whose success makes the release eligible (the candidate record):
+    ``await_approval`` also follows it, so that a rerun, where ``request_approval`` is skipped
+    because the gate run exists, still waits for that same gate run's decision.
+    """
+    settings = getattr(config.approvals, gate)
+    gate_id = gate_dag_id(config, gate)
+
+    @task(task_id="describe_release")
+    def describe_release(commit: dict) -> dict:
+        ctx = get_current_context()
+        record = ReleaseRegistry.for_config(config).get(commit["version"]) or {}
+        candidate = record.get("candidate", {})
+        links = notifications.links(config, ctx["run_id"], commit["version"], gate)
+        deadline = (ctx["dag_run"].start_date + timedelta(hours=settings.timeout_hours)).isoformat()
+        summary = (f"**{config.application} {commit['version']}** ({commit['sha'][:10]}: {commit['message']}, "
+                   f"by {commit['author']}). Application image `{candidate.get('application_image')}`. "
+                   f"Pipeline run: {links['pipeline_run']}. Deadline: {deadline}.")
+        return {"application": config.application, "version": commit["version"], "commit": commit["sha"],
+                "message": commit["message"], "author": commit["author"],
+                "application_image": candidate.get("application_image"), "artifact": candidate.get("artifact"),
+                "links": links, "deadline": deadline, "summary": summary}
+
+    release = describe_release(commit)
+    request = TriggerDagRunOperator(
+        task_id="request_approval",
+        trigger_dag_id=gate_id,
+        trigger_run_id="{{ run_id }}",
+        logical_date="{{ (dag_run.logical_date or dag_run.run_after).isoformat() }}",
+        conf=release,
+        note=f"{gate} approval requested",
+        # A rerun finds the gate run of the first request: never a second one.
+        skip_when_already_exists=True,
+    )
+    notify = SnsPublishOperator(
+        task_id="notify_approval_requested",
+        target_arn=notifications.topic_task(config),
+        subject=f"{config.application}: {gate} approval requested",
+        message="{{ ti.xcom_pull(task_ids='" + release.operator.task_id + "')['summary'] }}",
+        aws_conn_id=config.aws.conn_id,
+        region_name=config.aws.region,
+    )
+    wait = ExternalTaskSensor(
+        task_id="await_approval",
+        external_dag_id=gate_id,
+        external_task_id="decision",
+        allowed_states=["success"],
+        failed_states=["failed", "upstream_failed"],
+        deferrable=True,
+        poke_interval=5,
+        # The gate decides (and times out) first; this only guards against a lost gate run.
+        timeout=timedelta(hours=settings.timeout_hours).total_seconds() + 3600,
+        trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+    )
+    chain(release, request, [notify, wait])
+    after >> wait
+    return release, request, wait

@@ -1,0 +1,28 @@
+"""Stage 5, ``5-exploratory``: people try the candidate (self-service) and approve or reject it."""
+
+from __future__ import annotations
+
+from airflow.sdk import TaskGroup
+
+from deployline.approvals import approval_tasks
+from deployline.config import PipelineConfig
+
+DOC = """\
+### 5-exploratory: people try it, then approve or reject
+
+`describe_release` summarizes the candidate (version, commit, application image, links);
+`request_approval` creates the `{app}_approve_exploratory` run with this run's id and
+logical date (a rerun never creates a second one) and `notify_approval_requested`
+tells the application's SNS topic. Meanwhile anyone authorized launches their own
+environment of this candidate with `{app}_self_service`. `await_approval` is a deferrable
+`ExternalTaskSensor` on the gate's `decision`: it holds no worker slot while it waits,
+succeeds when `decision` is marked success (approved) and fails when it is marked failed
+(rejected) or times out ({hours:g} h), which stops the release here.
+"""
+
+
+def exploratory_stage(config: PipelineConfig, commit, candidate_recorded) -> TaskGroup:
+    with TaskGroup("5-exploratory", tooltip="exploratory approval while people use self-service") as group:
+        group.doc_md = DOC.format(app=config.application, hours=config.approvals.exploratory.timeout_hours)
+        approval_tasks(config, "exploratory", commit, after=candidate_recorded)
+    return group

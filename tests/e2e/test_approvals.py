@@ -1,0 +1,151 @@
+"""Exploratory approval: a person approves or rejects by marking the gate's `decision`, or with
+the Required Actions buttons; no decision in time is a rejection; who decided is recorded."""
+
+import json
+
+import boto3
+import pytest
+from deployline import embedded
+from deployline.airflow_api import AirflowApi
+from deployline.sensors import pipeline_run_id
+from harness import APP, CANDIDATE, leftovers
+
+pytestmark = pytest.mark.e2e
+
+PIPELINE, GATE = f"{APP}_pipeline", f"{APP}_approve_exploratory"
+AWAIT = "5-exploratory.await_approval"
+WAITING = ("awaiting_input", "up_for_reschedule")  # a Required Action; or a sensor between looks
+
+
+def aws(e2e, service):
+    return boto3.client(service, endpoint_url=e2e.s3.meta.endpoint_url, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+@pytest.fixture(scope="module")
+def approver(e2e):
+    return AirflowApi(e2e.api.base, "approver", embedded.password(e2e.home, "approver"))
+
+
+@pytest.fixture(scope="module")
+def inbox(e2e):
+    """An SQS queue subscribed to the application's notification topic."""
+    sns, sqs = aws(e2e, "sns"), aws(e2e, "sqs")
+    topic = sns.create_topic(Name=f"deployline-{APP}")["TopicArn"]
+    queue = sqs.create_queue(QueueName="approvals-inbox")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=arn)
+
+    def read() -> list[dict]:
+        messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
+        return [json.loads(m["Body"]) for m in messages]
+
+    return read
+
+
+def waiting_candidate(e2e, note: str) -> str:
+    """Push an application change; return the run id once its approval is being waited for."""
+    app = e2e.clone / "src/sample_service/app.py"
+    (sha,) = e2e.push({"src/sample_service/app.py": app.read_text() + f"# {note}\n"}, note)
+    run, states = e2e.candidate_run(sha)
+    assert states[CANDIDATE] == "success", states
+    run_id = pipeline_run_id(sha)
+
+    def waiting():
+        pipeline = e2e.api.task_instances(PIPELINE, run_id)
+        gate = e2e.api.task_instances(GATE, run_id) if _gate_exists(e2e, run_id) else {}
+        return pipeline[AWAIT]["state"] == "deferred" and (gate.get("decision") or {}).get("state") in WAITING
+
+    embedded.wait_until(waiting, 120, f"{run_id} to wait for approval", interval=1)
+    return run_id
+
+
+def _gate_exists(e2e, run_id):
+    return any(r["dag_run_id"] == run_id for r in e2e.api.runs(GATE))
+
+
+def approvals(e2e, run_id) -> dict:
+    version = e2e.api.run(PIPELINE, run_id)["conf"]["commit"]
+    return e2e.record(e2e.version(version)).get("approvals", {})
+
+
+@pytest.fixture(scope="module")
+def unattended(e2e):
+    """A candidate nobody decides on: its approval times out while the other tests run."""
+    return waiting_candidate(e2e, "Nobody looks at this one")
+
+
+def test_waiting_for_approval_uses_no_worker_slot(e2e, unattended):
+    gate_run = e2e.api.run(GATE, unattended)
+    pipeline_run = e2e.api.run(PIPELINE, unattended)
+    # The gate run is the pipeline run's: same run id and logical date, the release in its conf.
+    assert gate_run["logical_date"] == pipeline_run["logical_date"]
+    assert gate_run["conf"]["version"].startswith("r") and gate_run["conf"]["links"]["pipeline_run"]
+    assert e2e.api.task_instances(PIPELINE, unattended)[AWAIT]["state"] == "deferred"
+    assert e2e.api.task_instances(GATE, unattended)["decision"]["state"] == "awaiting_input"
+    pool = e2e.api.get("/pools/default_pool")
+    assert pool["deferred_slots"] >= 1 and pool["running_slots"] <= 1  # at most the poll's own poke
+
+
+def test_approve_by_marking_the_decision_successful(e2e, approver, inbox):
+    run_id = waiting_candidate(e2e, "Approve me")
+    approver.set_task_state(GATE, run_id, "decision", "success", note="Tried it in my environment: fine")
+    run = e2e.api.wait_for_run(PIPELINE, run_id, timeout=180)
+    states = e2e.task_states(run)
+    assert run["state"] == "success", states
+    assert states[AWAIT] == "success"
+    decided = approvals(e2e, run_id)["exploratory"]
+    assert decided["decision"] == "approved" and decided["by"] == "approver"
+    assert decided["note"] == "Tried it in my environment: fine"
+    assert decided["via"] == "marked in the UI or REST API" and decided["at"]
+    subjects = [m.get("Subject") for m in inbox()]
+    assert f"{APP}: exploratory approval requested" in subjects
+    assert any(s and s.endswith("exploratory approved") for s in subjects), subjects
+
+
+def test_reject_by_marking_the_decision_failed_stops_the_release(e2e, approver):
+    run_id = waiting_candidate(e2e, "Reject me")
+    approver.set_task_state(GATE, run_id, "decision", "failed", note="Search is broken")
+    run = e2e.api.wait_for_run(PIPELINE, run_id, timeout=180)
+    assert run["state"] == "failed"
+    assert e2e.task_states(run)[AWAIT] == "failed"
+    decided = approvals(e2e, run_id)["exploratory"]
+    assert (decided["decision"], decided["by"], decided["note"]) == ("rejected", "approver", "Search is broken")
+    version = e2e.version(run["conf"]["commit"])
+    assert e2e.record(version)["stages"]["5-exploratory"]["result"] == "failed"
+
+
+def test_approve_with_the_required_action_button(e2e, approver):
+    run_id = waiting_candidate(e2e, "Approve me with the button")
+    approver.request("PATCH", f"/dags/{GATE}/dagRuns/{run_id}/taskInstances/decision/-1/hitlDetails",
+                     json={"chosen_options": ["Approve"], "params_input": {"comment": "Ship it"}})
+    run = e2e.api.wait_for_run(PIPELINE, run_id, timeout=180)
+    assert run["state"] == "success", e2e.task_states(run)
+    decided = approvals(e2e, run_id)["exploratory"]
+    assert (decided["decision"], decided["by"], decided["note"]) == ("approved", "approver", "Ship it")
+    assert decided["via"] == "required action"
+
+
+def test_rerunning_the_stage_creates_no_second_gate_run(e2e):
+    approved = [r for r in e2e.api.runs(PIPELINE) if r["state"] == "success"
+                and "5-exploratory.await_approval" in e2e.task_states(r)
+                and e2e.task_states(r)[AWAIT] == "success"][0]
+    run_id = approved["dag_run_id"]
+    e2e.api.request("POST", f"/dags/{PIPELINE}/clearTaskInstances", json={
+        "dry_run": False, "dag_run_id": run_id, "only_failed": False, "reset_dag_runs": True,
+        "task_ids": ["5-exploratory.describe_release", "5-exploratory.request_approval", AWAIT]})
+    run = e2e.api.wait_for_run(PIPELINE, run_id, timeout=180)
+    states = e2e.task_states(run)
+    assert run["state"] == "success", states
+    assert states["5-exploratory.request_approval"] == "skipped"  # the gate run exists already
+    assert states[AWAIT] == "success"  # and its decision still stands
+    assert [r["dag_run_id"] for r in e2e.api.runs(GATE)].count(run_id) == 1
+
+
+def test_no_decision_in_time_is_a_rejection(e2e, unattended):
+    run = e2e.api.wait_for_run(PIPELINE, unattended, timeout=240)
+    assert run["state"] == "failed"
+    assert e2e.api.task_instances(GATE, unattended)["decision"]["state"] == "failed"
+    decided = approvals(e2e, unattended)["exploratory"]
+    assert decided["decision"] == "timed_out"
+    assert leftovers(e2e)["environment_processes"] == []
