@@ -126,7 +126,10 @@ def build_gate_dag(config: PipelineConfig, gate: str) -> DAG:
                 response_timeout=timeout,
             )
         else:
-            decision = AwaitDecisionSensor(task_id="decision", timeout=timeout.total_seconds(), poke_interval=30)
+            # Retries: a failed poke (see docs/PERFORMANCE.md) must not count as a rejection;
+            # a person marking it failed is final all the same.
+            decision = AwaitDecisionSensor(task_id="decision", timeout=timeout.total_seconds(), poke_interval=30,
+                                           retries=3, retry_delay=timedelta(seconds=10))
 
         @task(task_id="record_decision", trigger_rule=TriggerRule.ALL_DONE, retries=2)
         def record_decision() -> dict:

@@ -33,6 +33,8 @@ def shape(dag):
         "doc_md": bool(dag.doc_md),
         "params": sorted(dag.params.keys()),
         "max_active_runs": dag.max_active_runs,
+        "access_control": {role: {k: sorted(v) for k, v in perms.items()}
+                           for role, perms in (dag.access_control or {}).items()},
         "groups": {gid: bool(group.doc_md) for gid, group in dag.task_group.get_task_group_dict().items() if gid},
         "tasks": {
             t.task_id: {
@@ -42,6 +44,7 @@ def shape(dag):
                 "is_teardown": t.is_teardown,
                 "type": type(t).__name__,
                 "mode": getattr(t, "mode", None),
+                "deferrable": getattr(t, "deferrable", None),
             }
             for t in dag.tasks
         },

@@ -34,7 +34,8 @@ def parsed(tmp_path_factory):
 
 def test_every_dag_imports_without_errors(parsed):
     assert parsed["import_errors"] == {}
-    assert {"sample_service_commit_poll", "sample_service_pipeline"} <= set(parsed["dags"])
+    assert {"sample_service_commit_poll", "sample_service_pipeline", "sample_service_approve_exploratory",
+            "sample_service_approve_production"} <= set(parsed["dags"])
 
 
 def test_parsing_makes_no_network_git_or_aws_call(parsed):
@@ -55,7 +56,7 @@ def test_pipeline_dag_shape_follows_the_design(parsed):
     dag = parsed["dags"]["sample_service_pipeline"]
     assert dag["schedule"] is None and dag["doc_md"] and dag["params"] == ["commit"]
     # every stage explains itself in the UI
-    assert dag["groups"] == {"1-baking": True, "2-commit": True, "3-acceptance": True}
+    assert dag["groups"] == {"1-baking": True, "2-commit": True, "3-acceptance": True, "5-exploratory": True}
     tasks = dag["tasks"]
     assert tasks["classify_change"]["upstream"] == ["resolve_commit"]
     assert tasks["classify_change"]["type"] == "_BranchPythonDecoratedOperator"
@@ -105,9 +106,34 @@ def test_a_broken_config_is_an_import_error_and_the_others_still_load(tmp_path):
         repository: {url: /srv/git/orders.git}
         """))
     parsed = parse(tmp_path, pipelines)
-    assert {"sample_service_commit_poll", "sample_service_pipeline"} == set(parsed["dags"])
+    assert {dag_id for dag_id in parsed["dags"] if dag_id.startswith(("billing", "orders"))} == set()
+    assert {"sample_service_commit_poll", "sample_service_pipeline"} <= set(parsed["dags"])
     assert [Path(p).name for p in parsed["import_errors"]] == ["deployline_config_check.py"]
     error = next(iter(parsed["import_errors"].values()))
     assert "2 pipeline config(s) are invalid" in error
     assert f"{pipelines}/billing.yaml: polling.schedule: Value error, not a valid cron expression" in error
     assert f"{pipelines}/orders.yaml: commit_stage: Field required; aws: Field required" in error
+
+
+@pytest.mark.parametrize("gate", ["exploratory", "production"])
+def test_approval_gates(parsed, gate):
+    dag = parsed["dags"][f"sample_service_approve_{gate}"]
+    assert dag["schedule"] is None and dag["doc_md"]
+    # Only the approver role may decide, once the FAB auth manager enforces access_control.
+    assert dag["access_control"] == {"ReleaseApprover": {"DAG Runs": ["can_create", "can_read"],
+                                                         "DAGs": ["can_edit", "can_read"]}}
+    tasks = dag["tasks"]
+    assert tasks["decision"]["type"] == "ApprovalOperator"  # the demo config's mode: hitl
+    assert tasks["record_decision"]["upstream"] == ["decision"]
+    assert tasks["record_decision"]["trigger_rule"] == "all_done"
+
+
+def test_exploratory_stage_asks_and_waits_without_a_worker_slot(parsed):
+    tasks = parsed["dags"]["sample_service_pipeline"]["tasks"]
+    assert tasks["5-exploratory.describe_release"]["upstream"] == ["3-acceptance.record_candidate", "resolve_commit"]
+    assert tasks["5-exploratory.request_approval"]["type"] == "TriggerDagRunOperator"
+    wait = tasks["5-exploratory.await_approval"]
+    assert wait["type"] == "ExternalTaskSensor" and wait["deferrable"]
+    assert wait["trigger_rule"] == "none_failed_min_one_success"
+    assert wait["upstream"] == ["3-acceptance.record_candidate", "5-exploratory.request_approval"]
+    assert tasks["5-exploratory.notify_approval_requested"]["type"] == "SnsPublishOperator"

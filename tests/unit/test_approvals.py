@@ -1,0 +1,42 @@
+from deployline.approvals import APPROVED, REJECTED, TIMED_OUT, AwaitDecisionSensor, decision_outcome, who_decided
+
+HITL_APPROVE = {"responded_by_user": {"id": "7", "name": "dana"}, "chosen_options": ["Approve"],
+                "params_input": {"comment": "ship it"}, "responded_at": "2026-11-27T10:00:00Z"}
+HITL_REJECT = HITL_APPROVE | {"chosen_options": ["Reject"], "params_input": {"comment": "broken"}}
+MARKED = [{"event": "patch_task_instance", "owner": "erin", "when": "2026-11-27T10:01:00Z"},
+          {"event": "patch_task_instance", "owner": "frank", "when": "2026-11-27T10:05:00Z"},
+          {"event": "get_task_instance", "owner": "gina", "when": "2026-11-27T10:09:00Z"}]
+
+
+def test_outcome():
+    assert decision_outcome("success", None, timed_out=False) == APPROVED
+    assert decision_outcome("success", HITL_APPROVE, timed_out=False) == APPROVED
+    assert decision_outcome("failed", HITL_REJECT, timed_out=False) == REJECTED
+    assert decision_outcome("failed", None, timed_out=False) == REJECTED
+    assert decision_outcome("failed", None, timed_out=True) == TIMED_OUT
+    assert decision_outcome("upstream_failed", None, timed_out=True) == TIMED_OUT
+
+
+def test_who_answered_the_required_action():
+    assert who_decided(HITL_REJECT, {"note": "ignored"}, MARKED) == {
+        "by": "dana", "via": "required action", "at": "2026-11-27T10:00:00Z", "note": "broken"}
+
+
+def test_who_marked_the_task_last_and_the_note():
+    assert who_decided(None, {"note": "tried it"}, MARKED) == {
+        "by": "frank", "via": "marked in the UI or REST API", "at": "2026-11-27T10:05:00Z", "note": "tried it"}
+
+
+def test_nobody_decided():
+    assert who_decided(None, {"note": None}, []) == {
+        "by": "unknown", "via": "no person (timeout or system)", "at": "", "note": ""}
+
+
+def test_the_sensor_never_decides_by_itself():
+    sensor = AwaitDecisionSensor(task_id="decision", timeout=60, poke_interval=5)
+    assert sensor.mode == "reschedule"
+
+    class Run:
+        conf = {"version": "r1-abc", "links": {}}
+
+    assert sensor.poke({"dag_run": Run()}) is False
