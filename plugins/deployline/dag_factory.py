@@ -22,15 +22,11 @@ def build_pipeline_dags(namespace: dict) -> list[str]:
     for error in errors:
         log.warning("skipping pipeline config: %s", error)
     from deployline.approvals import GATES, build_gate_dag
-    try:  # TEMPORARY until self_service lands
-        from deployline.self_service import build_reaper_dag, build_self_service_dag
-    except ImportError:
-        build_reaper_dag = build_self_service_dag = None
+    from deployline.self_service import build_reaper_dag, build_self_service_dag
 
-    dags = [build_reaper_dag(configs)] if build_reaper_dag else []
+    dags = [build_reaper_dag(configs)]
     for config in configs:
-        dags += [build_poll_dag(config), build_pipeline_dag(config)]
-        dags += [build_self_service_dag(config)] if build_self_service_dag else []
+        dags += [build_poll_dag(config), build_pipeline_dag(config), build_self_service_dag(config)]
         dags += [build_gate_dag(config, gate) for gate in GATES]
     for dag in dags:
         namespace[dag.dag_id] = dag
