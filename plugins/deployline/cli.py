@@ -86,18 +86,26 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def _follow_first_run(base: str, password: str, head: str) -> int:
-    """Headless: wait for the pipeline run of the seeded commit and print what each task did."""
+    """Headless: follow the seeded commit's run until it is a release candidate waiting for
+    exploratory approval (or finished), print what each task did, exit 0 for a candidate."""
     from deployline.airflow_api import AirflowApi
     from deployline.sensors import pipeline_run_id
 
     api = AirflowApi(base, "admin", password)
     dag_id, run_id = f"{DEMO_APP}_pipeline", pipeline_run_id(head)
     embedded.wait_until(lambda: api.run(dag_id, run_id), 300, f"pipeline run {run_id}", interval=3)
-    run = api.wait_for_run(dag_id, run_id, timeout=900)
+
+    def settled():
+        states = {t: ti["state"] for t, ti in api.task_instances(dag_id, run_id).items()}
+        finished = api.run(dag_id, run_id)["state"] in ("success", "failed")
+        return states if finished or states.get("5-exploratory.await_approval") == "deferred" else None
+
+    states = embedded.wait_until(settled, 900, f"{run_id} to become a candidate", interval=3)
     for task_id, ti in sorted(api.task_instances(dag_id, run_id).items()):
-        print(f"  {task_id:32} {ti['state'] or '-':16} {ti.get('duration') or 0:6.1f}s")
-    print(f"run {run_id}: {run['state']}")
-    return 0 if run["state"] == "success" else 1
+        print(f"  {task_id:40} {ti['state'] or '-':16} {ti.get('duration') or 0:6.1f}s")
+    candidate = states.get("3-acceptance.record_candidate") == "success"
+    print(f"run {run_id}: {'release candidate, waiting for exploratory approval' if candidate else 'no candidate'}")
+    return 0 if candidate else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     demo_cmd.add_argument("--api-port", type=int, default=int(os.environ.get("DEPLOYLINE_API_PORT", "8080")))
     demo_cmd.add_argument("--moto-port", type=int, default=int(os.environ.get("DEPLOYLINE_MOTO_PORT", "5055")))
     demo_cmd.add_argument("--headless", action="store_true",
-                          help="wait for the first pipeline run, print its tasks, exit with its result")
+                          help="follow the first pipeline run to its release candidate, print its tasks, exit")
     demo_cmd.set_defaults(func=demo)
     args = parser.parse_args(argv)
     return args.func(args)
