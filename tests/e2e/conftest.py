@@ -41,9 +41,9 @@ def e2e(tmp_path_factory):
         config = yaml.safe_load((ROOT / "include" / "pipelines" / f"{APP}.yaml").read_text())
         # Poll continuously in short pokes, so a push is seen within seconds.
         config["polling"] = {"schedule": "* * * * *", "poke_interval": 3, "timeout": 55}
-        # Approvals time out after 90 s, so that "no decision is a rejection" can be seen.
-        config["approvals"] = {"exploratory": {"mode": "hitl", "timeout_hours": 0.025},
-                               "production": {"mode": "hitl", "timeout_hours": 0.025}}
+        # Approvals time out after 3 minutes, so that "no decision is a rejection" can be seen.
+        config["approvals"] = {"exploratory": {"mode": "hitl", "timeout_hours": 0.05},
+                               "production": {"mode": "hitl", "timeout_hours": 0.05}}
         (pipelines / f"{APP}.yaml").write_text(yaml.safe_dump(config))
 
         home = root / "airflow"

@@ -15,6 +15,7 @@ APP = "sample_service"
 BUCKET = "deployline-e2e"
 ARTIFACTS = ROOT / "test-artifacts" / "e2e"
 CANDIDATE = "3-acceptance.record_candidate"
+ACCEPTANCE_TEARDOWNS = ("3-acceptance.teardown_environment", "3-acceptance.terminate_image_builder")
 FINISHED = ("success", "failed", "upstream_failed", "skipped")
 
 
@@ -47,24 +48,26 @@ class E2E:
     def version(self, sha: str) -> str:
         return f"r{self.revision(sha)}-{sha[:10]}"
 
-    def pipeline_run(self, sha: str, until: str | None = None, timeout: float = 600) -> dict:
-        """Wait for the polled pipeline run of ``sha`` to appear and to finish, or only until task
-        ``until`` is done (runs of candidates go on to wait for approval)."""
+    def pipeline_run(self, sha: str, until: tuple[str, ...] = (), timeout: float = 600) -> dict:
+        """Wait for the polled pipeline run of ``sha`` to appear and to finish, or only until the
+        tasks ``until`` are done (runs of candidates go on to wait for approval)."""
         dag_id, run_id = f"{APP}_pipeline", pipeline_run_id(sha)
         embedded.wait_until(lambda: _exists(self.api, dag_id, run_id), 180, f"poll to start {run_id}", interval=2)
-        if until is None:
+        if not until:
             return self.api.wait_for_run(dag_id, run_id, timeout=timeout)
 
         def done():
             run = self.api.run(dag_id, run_id)
-            state = self.api.task_instances(dag_id, run_id).get(until, {}).get("state")
-            return run if run["state"] in ("success", "failed") or state in FINISHED else None
+            tis = self.api.task_instances(dag_id, run_id)
+            finished = all(tis.get(task, {}).get("state") in FINISHED for task in until)
+            return run if run["state"] in ("success", "failed") or finished else None
 
         return embedded.wait_until(done, timeout, f"{run_id} to finish {until}", interval=2)
 
     def candidate_run(self, sha: str) -> tuple[dict, dict[str, str | None]]:
-        """The pipeline run of ``sha`` up to its release candidate, and its task states."""
-        run = self.pipeline_run(sha, until=CANDIDATE)
+        """The pipeline run of ``sha`` up to its release candidate (and the stage's teardowns), and
+        its task states."""
+        run = self.pipeline_run(sha, until=(CANDIDATE, *ACCEPTANCE_TEARDOWNS))
         return run, self.task_states(run)
 
     def task_states(self, run: dict) -> dict[str, str | None]:
@@ -102,7 +105,9 @@ def leftovers(e2e: E2E) -> dict[str, list]:
     processes = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if "DEPLOYLINE_ENVIRONMENT" in proc.environ():
+            environ = proc.environ()
+            # This session's environments only (their processes inherit its AIRFLOW_HOME).
+            if "DEPLOYLINE_ENVIRONMENT" in environ and environ.get("AIRFLOW_HOME") == str(e2e.home):
                 processes.append((proc.pid, " ".join(proc.info["cmdline"] or [])))
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
