@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Where the pipeline configs live; tests and other deployments point elsewhere.
 PIPELINES_DIR_ENV = "DEPLOYLINE_PIPELINES_DIR"
@@ -196,6 +196,17 @@ class PipelineConfig(_Strict):
     )
     aws: Aws
     source_file: str = Field(default="", exclude=True)
+
+    @model_validator(mode="after")
+    def _self_service_limits(self) -> PipelineConfig:
+        limits = self.self_service
+        if limits.default_ttl_hours > limits.max_ttl_hours:
+            raise ValueError(f"self_service.default_ttl_hours ({limits.default_ttl_hours:g}) is above "
+                             f"self_service.max_ttl_hours ({limits.max_ttl_hours:g})")
+        if self.environments.sizes.self_service > limits.max_size:
+            raise ValueError(f"environments.sizes.self_service ({self.environments.sizes.self_service}) is above "
+                             f"self_service.max_size ({limits.max_size})")
+        return self
 
     @property
     def poll_dag_id(self) -> str:

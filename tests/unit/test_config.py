@@ -102,3 +102,9 @@ def test_a_broken_file_never_hides_the_others(tmp_path, monkeypatch):
         check_configs()
     assert "1 pipeline config(s) are invalid" in str(err.value)
     assert "broken.yaml: commit_stage.build.timeout: Input should be a valid integer" in str(err.value)
+
+
+def test_self_service_defaults_must_fit_the_limits(tmp_path):
+    text = VALID + "self_service: {default_ttl_hours: 100, max_ttl_hours: 72}\n"
+    with pytest.raises(PipelineConfigError, match=r"self_service.default_ttl_hours \(100\) is above"):
+        load_pipeline_config(write(tmp_path, text), environ={"SHOP_REPO": "x"})
