@@ -1,6 +1,7 @@
 """Infrastructure commits bake a base AMI, application commits build; both end as release candidates."""
 
 import pytest
+from deployline import embedded
 from harness import CANDIDATE, images_of, leftovers
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +48,8 @@ def test_first_release_bakes_builds_and_becomes_a_candidate(e2e, seeded):
 
 
 def test_infrastructure_only_commit_bakes_and_reuses_the_artifact(e2e, seeded):
-    before = e2e.record(e2e.version(e2e.seed))
+    parent = embedded.git("rev-parse", "HEAD", cwd=e2e.clone)  # the last release, built by an earlier test
+    before = e2e.record(e2e.version(parent))
     (sha,) = e2e.push({"infrastructure/provision.sh": (e2e.clone / "infrastructure/provision.sh").read_text()
                        + "# tuned\n"}, "Tune provisioning")
     run, states = e2e.candidate_run(sha)
