@@ -71,11 +71,18 @@ class AwaitDecisionSensor(BaseSensorOperator):
 
 
 def decision_outcome(state: str | None, hitl: dict | None, timed_out: bool) -> str:
-    """approved / rejected / timed_out, from the decision task's final state and HITL answer."""
+    """approved / rejected / timed_out, from the Required Action's answer, else the decision's state.
+
+    The answer comes first: it exists as soon as the person presses the button, while the
+    task's own state turns success only once the task has resumed.
+    """
+    chosen = (hitl or {}).get("chosen_options")
+    if chosen == ["Approve"]:
+        return APPROVED
+    if chosen == ["Reject"]:
+        return REJECTED
     if state == "success":
         return APPROVED
-    if hitl and hitl.get("chosen_options") == ["Reject"]:
-        return REJECTED
     return TIMED_OUT if timed_out else REJECTED
 
 

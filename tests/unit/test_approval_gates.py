@@ -12,6 +12,8 @@ def test_outcome():
     assert decision_outcome("success", None, timed_out=False) == APPROVED
     assert decision_outcome("success", HITL_APPROVE, timed_out=False) == APPROVED
     assert decision_outcome("failed", HITL_REJECT, timed_out=False) == REJECTED
+    # the button was pressed, the task has not resumed yet
+    assert decision_outcome("scheduled", HITL_APPROVE, timed_out=False) == APPROVED
     assert decision_outcome("failed", None, timed_out=False) == REJECTED
     assert decision_outcome("failed", None, timed_out=True) == TIMED_OUT
     assert decision_outcome("upstream_failed", None, timed_out=True) == TIMED_OUT
