@@ -2,6 +2,7 @@
 the Required Actions buttons; no decision in time is a rejection; who decided is recorded."""
 
 import json
+import time
 
 import boto3
 import pytest
@@ -117,6 +118,9 @@ def test_reject_by_marking_the_decision_failed_stops_the_release(e2e, approver):
 
 def test_approve_with_the_required_action_button(e2e, approver):
     run_id = waiting_candidate(e2e, "Approve me with the button")
+    # A person takes longer than this: an answer within about a second of the task pausing
+    # meets an Airflow 3.3 scheduler race (the pause's late executor event fails the resumed task).
+    time.sleep(5)
     approver.request("PATCH", f"/dags/{GATE}/dagRuns/{run_id}/taskInstances/decision/-1/hitlDetails",
                      json={"chosen_options": ["Approve"], "params_input": {"comment": "Ship it"}})
     run = e2e.api.wait_for_run(PIPELINE, run_id, timeout=180)
