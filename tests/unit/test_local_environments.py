@@ -12,14 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
-import boto3
 import psutil
 import pytest
 from deployline import artifacts
 from deployline.config import LocalDriverSettings
 from deployline.environments.base import EnvironmentFailed, EnvironmentSpec, environment_name
 from deployline.environments.local import SWITCH_GRACE, LocalDriver
-from moto import mock_aws
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = ROOT / "include" / "sample-service"
@@ -37,16 +35,6 @@ def build_artifact(out: Path, version: str) -> Path:
 def tarballs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     return {version: build_artifact(out, version) for version in ("r1-abc", "r2-def")}
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
 
 
 @pytest.fixture

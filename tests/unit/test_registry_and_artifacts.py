@@ -1,20 +1,8 @@
-import boto3
 import pytest
 from deployline import artifacts
 from deployline.releases import ReleaseRegistry, make_version, revision_of
-from moto import mock_aws
 
 BUCKET = "artifacts-test"
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
 
 
 def test_version_scheme():

@@ -13,7 +13,6 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import boto3
 import pytest
 from deployline import artifacts
 from deployline.config import load_pipeline_config
@@ -36,7 +35,6 @@ from deployline.self_service import (
     resolve_request,
     smoke_test,
 )
-from moto import mock_aws
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "bkt"
@@ -47,16 +45,6 @@ V1, V2, V3, V4 = "r1-aaaaaaa111", "r2-bbbbbbb222", "r3-ccccccc333", "r4-ddddddd4
 @pytest.fixture(scope="module")
 def config():
     return load_pipeline_config(ROOT / "include" / "pipelines" / "sample_service.yaml")
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
 
 
 @pytest.fixture
