@@ -10,13 +10,11 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from deployline import aws, images
 from deployline.baking_stage import builder_key, image_tags
-from deployline.commands import run_command
 from deployline.config import PipelineConfig
-from deployline.environments.base import EnvironmentSpec, environment_name
+from deployline.environment_tasks import run_environment, run_repository_test
 from deployline.image_readiness import AmiAvailableSensor
 from deployline.releases import ReleaseRegistry, utcnow
 from deployline.sources import GitSource
-from deployline.workdirs import remove_workspace, workspace
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +69,6 @@ def select_release_inputs(registry: ReleaseRegistry, commit: dict) -> dict:
 def acceptance_stage(config: PipelineConfig, commit) -> TaskGroup:
     envs = config.environments
 
-    def env_name() -> str:
-        return environment_name(config.application, "acceptance", get_current_context()["run_id"])
-
     with TaskGroup("3-acceptance", tooltip="environment, acceptance tests, application AMI") as group:
         group.doc_md = DOC.format(driver=envs.driver, health=envs.health_path)
 
@@ -91,43 +86,10 @@ def acceptance_stage(config: PipelineConfig, commit) -> TaskGroup:
                      inputs["artifact"]["uri"], inputs["artifact_version"])
             return inputs
 
-        @task(task_id="provision_environment", retries=1)
-        def provision_environment(inputs: dict, commit: dict) -> dict:
-            ctx = get_current_context()
-            spec = EnvironmentSpec(
-                application=config.application, stage="acceptance", name=env_name(),
-                size=envs.sizes.acceptance, version=commit["version"], artifact=inputs["artifact"],
-                image_id=inputs["base_image"]["id"], labels={"run_id": ctx["run_id"]},
-            )
-            info = aws.environment_driver(config).provision(spec)
-            log.info("environment %s at %s (%d)", info.name, info.endpoint, info.size)
-            return info.to_dict()
-
-        @task(task_id="wait_until_healthy")
-        def wait_until_healthy() -> str:
-            info = aws.environment_driver(config).wait_until_healthy(env_name(), envs.health_path, envs.health_timeout)
-            log.info("environment %s is healthy at %s", info.name, info.endpoint)
-            return info.endpoint
-
         @task(task_id="acceptance_test")
         def acceptance_test(endpoint: str, inputs: dict, commit: dict) -> list[str]:
-            if config.acceptance is None:
-                raise RuntimeError(f"{config.source_file}: acceptance: no acceptance command is configured")
-            run_key = f"{get_current_context()['run_id']}-acceptance"
-            checkout = GitSource.from_repository(config.repository).checkout(
-                commit["sha"], workspace(config.application, run_key))
-            try:
-                command = config.acceptance.command.format(base_url=shlex.quote(endpoint))
-                env = {"BASE_URL": endpoint, "EXPECTED_VERSION": inputs["artifact_version"]}
-                return run_command(command, checkout / config.commit_stage.workdir, config.acceptance.timeout,
-                                   env=config.commit_stage.env | env, logger=log)
-            finally:
-                remove_workspace(config.application, run_key)
-
-        @task(task_id="teardown_environment")
-        def teardown_environment() -> None:
-            removed = aws.environment_driver(config).teardown(env_name())
-            log.info("environment %s %s", env_name(), "removed" if removed else "was already gone")
+            return run_repository_test(config, config.acceptance, "acceptance", commit, endpoint,
+                                       inputs["artifact_version"], f"{get_current_context()['run_id']}-acceptance")
 
         @task(task_id="launch_image_builder", retries=2)
         def launch_image_builder(inputs: dict, commit: dict) -> str:
@@ -183,11 +145,10 @@ def acceptance_stage(config: PipelineConfig, commit) -> TaskGroup:
             return candidate
 
         inputs = select_inputs(commit)
-        environment = provision_environment(inputs, commit)
-        endpoint = wait_until_healthy()
+        environment, endpoint, teardown = run_environment(
+            config, "acceptance", envs.sizes.acceptance, inputs, commit, image_of=lambda i: i["base_image"]["id"])
         tested = acceptance_test(endpoint, inputs, commit)
-        chain(environment, endpoint)
-        tested >> teardown_environment().as_teardown(setups=environment)
+        tested >> teardown.as_teardown(setups=environment)
 
         builder = launch_image_builder(inputs, commit)
         image = create_application_image(builder, inputs, commit)

@@ -125,6 +125,8 @@ class LocalDriverSettings(_Strict):
         description="run in the unpacked artifact; {port} is the worker's port",
     )
     env: dict[str, str] = Field(default_factory=dict)
+    production_port: Annotated[int, Field(ge=1024, le=65535)] | None = Field(
+        default=None, description="port of the stable production address; default: a free port, kept")
 
 
 class CloudFormationSettings(_Strict):
@@ -143,9 +145,46 @@ class Environments(_Strict):
     cloudformation: CloudFormationSettings = CloudFormationSettings()
 
 
-class Acceptance(_Strict):
+class RepositoryTest(_Strict):
+    """A test command from the repository, run at the commit against a live environment."""
+
     command: str = Field(min_length=1, description="run in the checkout; {base_url} is the environment's URL")
     timeout: Annotated[int, Field(gt=0, le=6 * 3600)] = 900
+
+
+class Thresholds(_Strict):
+    """What a load profile must achieve; any one missed fails ``6-capacity``."""
+
+    p95_ms: Annotated[float, Field(gt=0)] = 500
+    p99_ms: Annotated[float, Field(gt=0)] = 1000
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.01
+    min_rps: Annotated[float, Field(ge=0)] = 0
+
+
+class LoadProfile(_Strict):
+    users: Annotated[int, Field(ge=1, le=100_000)]
+    spawn_rate: Annotated[float, Field(gt=0)]
+    duration_seconds: Annotated[int, Field(ge=1, le=6 * 3600)]
+    thresholds: Thresholds = Thresholds()
+
+
+class Capacity(_Strict):
+    locustfile: str = Field(default="tests/load/locustfile.py", description="Locust file, path in the repository")
+    expected: LoadProfile = LoadProfile(users=10, spawn_rate=10, duration_seconds=30)
+    peak: LoadProfile = LoadProfile(users=40, spawn_rate=20, duration_seconds=30)
+    # Locust processes: 1 runs in-process; more start a master and N-1 workers (one core each).
+    processes: Annotated[int, Field(ge=1, le=64)] = 1
+
+    def profiles(self) -> dict[str, LoadProfile]:
+        return {"expected": self.expected, "peak": self.peak}
+
+
+class Production(_Strict):
+    drain_seconds: Annotated[float, Field(ge=0, le=3600)] = Field(
+        default=30, description="the old version keeps running this long after the switch, for requests in flight")
+    verify_seconds: Annotated[float, Field(ge=0, le=3600)] = Field(
+        default=60, description="health is watched this long after the switch; a failure rolls back")
+    check_interval: Annotated[float, Field(gt=0, le=60)] = 1.0
 
 
 class SelfService(_Strict):
@@ -187,7 +226,11 @@ class PipelineConfig(_Strict):
     commit_stage: CommitStage
     baking: Baking = Baking()
     environments: Environments = Environments()
-    acceptance: Acceptance | None = None
+    acceptance: RepositoryTest | None = None
+    capacity: Capacity = Capacity()
+    smoke_test: RepositoryTest | None = Field(
+        default=None, description="quick checks against pre-production and the new production version")
+    production: Production = Production()
     self_service: SelfService = SelfService()
     approvals: Approvals = Approvals()
     notification_topic_arn: str | None = Field(
@@ -215,6 +258,15 @@ class PipelineConfig(_Strict):
     @property
     def pipeline_dag_id(self) -> str:
         return f"{self.application}_pipeline"
+
+    @property
+    def production_pool(self) -> str:
+        """One slot: two production deploys of this application never overlap."""
+        return f"deployline_{self.application}_production"
+
+    @property
+    def preproduction_pool(self) -> str:
+        return f"deployline_{self.application}_preproduction"
 
     def step_timeout(self, step: str) -> timedelta:
         return timedelta(seconds=getattr(self.commit_stage, step).timeout)

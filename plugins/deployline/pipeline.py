@@ -8,12 +8,15 @@ from airflow.sdk import DAG, Param, chain, get_current_context, task
 
 from deployline.acceptance_stage import acceptance_stage
 from deployline.baking_stage import baking_stage
+from deployline.capacity_stage import capacity_stage
 from deployline.changes import BOTH, Classification, classify
 from deployline.commit_stage import commit_stage
 from deployline.config import PipelineConfig
 from deployline.dag_defaults import START_DATE, default_args
 from deployline.exploratory_stage import exploratory_stage
 from deployline.notifications import PipelineFailureNotifier
+from deployline.preproduction_stage import preproduction_stage
+from deployline.production_stage import production_stage
 from deployline.releases import ReleaseRegistry, make_version, utcnow
 from deployline.sources import GitSource
 
@@ -39,6 +42,13 @@ empty to build the branch head).
   against it, then the application AMI; the result is a release candidate.
 * `5-exploratory`: asks `{app}_approve_exploratory` for approval and waits (deferred) while
   people try the candidate in their self-service environments (`{app}_self_service`).
+* `6-capacity`, next to `5-exploratory`: load tests (Locust) at the expected and peak
+  profiles, judged by the configured latency, error-rate and throughput thresholds.
+* `7-pre-production`, only when 5 and 6 both succeeded in this run: the long-lived
+  pre-production environment at production size on this version, smoke tests.
+* `8-production`: asks `{app}_approve_production`, then a blue/green deploy behind the
+  stable production address; unhealthy or failing smoke tests roll back to the live
+  version. A version older than the live one is skipped as superseded.
 
 A failed task is written to the release record (stage, task, error).
 
@@ -130,7 +140,12 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
         built = [baking_stage(config, commit), commit_stage(config, commit)]
         acceptance = acceptance_stage(config, commit)
         candidate = acceptance.children["3-acceptance.record_candidate"]
-        chain(commit, branch, built, acceptance, exploratory_stage(config, commit, candidate))
+        # 5 and 6 run side by side on the candidate; 7 starts only when both succeeded (the fan-in).
+        judged = [exploratory_stage(config, commit, candidate), capacity_stage(config, commit, candidate.output)]
+        preproduction = preproduction_stage(config, commit, candidate.output)
+        smoke_tested = preproduction.children["7-pre-production.smoke_test"]
+        chain(commit, branch, built, acceptance, judged, preproduction,
+              production_stage(config, commit, candidate.output, after=smoke_tested))
     return dag
 
 

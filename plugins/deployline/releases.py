@@ -84,6 +84,32 @@ class ReleaseRegistry:
                 record[name] = value
         return self.put(record)
 
+    # ------------------------------------------------------------------ what runs in production
+
+    @property
+    def production_key(self) -> str:
+        return f"{self.application}/production.json"
+
+    def production(self) -> dict | None:
+        """``{"version", "environment", "endpoint", "deployed_at", "run_id", "history": [...]}`` or None."""
+        try:
+            body = self.s3_client.get_object(Bucket=self.bucket, Key=self.production_key)["Body"].read()
+        except self.s3_client.exceptions.NoSuchKey:
+            return None
+        return json.loads(body)
+
+    def set_production(self, version: str, **details) -> dict:
+        """Record ``version`` as live; the previous entries stay in ``history`` (newest first, 100 kept)."""
+        revision_of(version)
+        current = self.production()
+        history = ([{k: v for k, v in current.items() if k != "history"}] + current.get("history", [])
+                   if current else [])
+        entry = {"version": version, **details, "deployed_at": utcnow(), "history": history[:100]}
+        self.s3_client.put_object(Bucket=self.bucket, Key=self.production_key,
+                                  Body=json.dumps(entry, indent=2, sort_keys=True).encode(),
+                                  ContentType="application/json")
+        return entry
+
     def versions(self) -> list[str]:
         """Every recorded version, oldest first."""
         found = []

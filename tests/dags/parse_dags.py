@@ -45,6 +45,7 @@ def shape(dag):
                 "type": type(t).__name__,
                 "mode": getattr(t, "mode", None),
                 "deferrable": getattr(t, "deferrable", None),
+                "pool": t.pool,
             }
             for t in dag.tasks
         },

@@ -56,7 +56,8 @@ def test_pipeline_dag_shape_follows_the_design(parsed):
     dag = parsed["dags"]["sample_service_pipeline"]
     assert dag["schedule"] is None and dag["doc_md"] and dag["params"] == ["commit"]
     # every stage explains itself in the UI
-    assert dag["groups"] == {"1-baking": True, "2-commit": True, "3-acceptance": True, "5-exploratory": True}
+    assert dag["groups"] == {"1-baking": True, "2-commit": True, "3-acceptance": True, "5-exploratory": True,
+                             "6-capacity": True, "7-pre-production": True, "8-production": True}
     tasks = dag["tasks"]
     assert tasks["classify_change"]["upstream"] == ["resolve_commit"]
     assert tasks["classify_change"]["type"] == "_BranchPythonDecoratedOperator"
@@ -137,3 +138,38 @@ def test_exploratory_stage_asks_and_waits_without_a_worker_slot(parsed):
     assert wait["trigger_rule"] == "none_failed_min_one_success"
     assert wait["upstream"] == ["3-acceptance.record_candidate", "5-exploratory.request_approval"]
     assert tasks["5-exploratory.notify_approval_requested"]["type"] == "SnsPublishOperator"
+
+
+def test_capacity_runs_beside_exploratory_and_always_tears_down(parsed):
+    tasks = parsed["dags"]["sample_service_pipeline"]["tasks"]
+    # Both start from the candidate: neither waits for the other.
+    assert "3-acceptance.record_candidate" in tasks["6-capacity.provision_environment"]["upstream"]
+    assert not any(t.startswith("5-") for t in tasks["6-capacity.provision_environment"]["upstream"])
+    assert tasks["6-capacity.provision_environment"]["is_setup"]
+    assert tasks["6-capacity.load_test_peak"]["upstream"] == [
+        "6-capacity.load_test_expected", "6-capacity.wait_until_healthy", "resolve_commit"]
+    teardown = tasks["6-capacity.teardown_environment"]
+    assert teardown["is_teardown"] and teardown["trigger_rule"] == "all_done_setup_success"
+    assert set(teardown["upstream"]) == {"6-capacity.provision_environment", "6-capacity.load_test_peak"}
+
+
+def test_pre_production_is_the_fan_in_of_exploratory_and_capacity(parsed):
+    tasks = parsed["dags"]["sample_service_pipeline"]["tasks"]
+    entry = tasks["7-pre-production.check_release_ready"]
+    assert entry["trigger_rule"] == "all_success"  # a failure or rejection on either side stops the release
+    assert {"5-exploratory.await_approval", "6-capacity.record_capacity"} <= set(entry["upstream"])
+    for name in ("update_environment", "smoke_test"):
+        assert tasks[f"7-pre-production.{name}"]["pool"] == "deployline_sample_service_preproduction"
+
+
+def test_production_asks_then_deploys_in_a_one_slot_pool(parsed):
+    tasks = parsed["dags"]["sample_service_pipeline"]["tasks"]
+    assert "7-pre-production.smoke_test" in tasks["8-production.describe_release"]["upstream"]
+    assert tasks["8-production.request_approval"]["type"] == "TriggerDagRunOperator"
+    wait = tasks["8-production.await_approval"]
+    assert wait["type"] == "ExternalTaskSensor" and wait["deferrable"]
+    deploy = tasks["8-production.deploy"]
+    assert "8-production.await_approval" in deploy["upstream"] and deploy["is_setup"]
+    assert deploy["pool"] == "deployline_sample_service_production"
+    clean_up = tasks["8-production.clean_up_environments"]
+    assert clean_up["is_teardown"] and clean_up["pool"] == deploy["pool"]

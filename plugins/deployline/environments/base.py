@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 
 STAGES = ("acceptance", "capacity", "self_service", "preproduction", "production")
+LONG_LIVED = ("preproduction", "production")  # kept between runs; the others are torn down by their stage
 
 
 class EnvironmentFailed(RuntimeError):
@@ -54,6 +55,21 @@ class EnvironmentInfo:
         return asdict(self)
 
 
+@dataclass
+class RouterInfo:
+    """The stable production address of one application and where its traffic goes."""
+
+    application: str
+    name: str
+    endpoint: str  # production URL: it never changes while the router exists
+    live: str | None  # the environment that receives production traffic, None before the first release
+    driver: str
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 class EnvironmentDriver(ABC):
     """Every method is idempotent: calling it again after a retry does no harm."""
 
@@ -82,6 +98,46 @@ class EnvironmentDriver(ABC):
     @abstractmethod
     def list(self, application: str | None = None) -> list[EnvironmentInfo]:
         """Every environment this driver runs (of one application)."""
+
+    @abstractmethod
+    def update(self, spec: EnvironmentSpec) -> EnvironmentInfo:
+        """Run ``spec.version`` at ``spec.size`` in environment ``spec.name``, creating it when missing.
+
+        For long-lived environments (pre-production): the new version is up before the old one stops.
+        """
+
+    @abstractmethod
+    def health_problem(self, name: str, health_path: str) -> str | None:
+        """One look: what keeps the environment from being healthy, or None when it is."""
+
+    # ------------------------------------------------------------------ production traffic (blue/green)
+
+    @abstractmethod
+    def ensure_router(self, application: str) -> RouterInfo:
+        """The application's production address, created on first use (idempotent)."""
+
+    @abstractmethod
+    def router(self, application: str) -> RouterInfo | None:
+        """The application's router, or None when there is none yet."""
+
+    @abstractmethod
+    def green_spec(self, router: RouterInfo, spec: EnvironmentSpec) -> EnvironmentSpec:
+        """``spec`` placed where the router can send traffic to it (the idle slot), not yet live."""
+
+    @abstractmethod
+    def test_endpoint(self, router: RouterInfo, name: str) -> str:
+        """A URL that reaches environment ``name`` before it takes production traffic."""
+
+    @abstractmethod
+    def switch(self, application: str, name: str | None) -> RouterInfo:
+        """Send production traffic to environment ``name`` (None: nowhere); returns when it is in effect.
+
+        Requests already sent to the previous environment still complete there.
+        """
+
+    @abstractmethod
+    def remove_router(self, application: str) -> bool:
+        """Remove the production address (not the environments); False when there was none."""
 
     def endpoint(self, name: str) -> str:
         info = self.get(name)

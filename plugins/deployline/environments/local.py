@@ -33,7 +33,13 @@ import psutil
 import deployline
 from deployline import artifacts
 from deployline.config import LocalDriverSettings
-from deployline.environments.base import EnvironmentDriver, EnvironmentFailed, EnvironmentInfo, EnvironmentSpec
+from deployline.environments.base import (
+    EnvironmentDriver,
+    EnvironmentFailed,
+    EnvironmentInfo,
+    EnvironmentSpec,
+    RouterInfo,
+)
 from deployline.local_proxy import RELOAD_INTERVAL
 from deployline.workdirs import work_dir
 
@@ -43,6 +49,7 @@ SWITCH_GRACE = 3 * RELOAD_INTERVAL
 STOP_TIMEOUT = 5.0
 START_TIMEOUT = 30.0  # for workers added by resize to listen
 LOG_TAIL = 20
+ROUTER_STAGE = "router"  # the state of a production address; not an environment
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 _PLUGINS_DIR = Path(deployline.__file__).resolve().parents[1]
 _children: dict[int, subprocess.Popen] = {}  # started by this Python: to reap them and read exit codes
@@ -72,28 +79,13 @@ class LocalDriver(EnvironmentDriver):
                     raise EnvironmentFailed(f"environment {spec.name}: cannot restart a process: {exc}") from exc
                 return self._info(self._resize(state, spec.size))
             self._remove(spec.name)  # the leftover of an interrupted provision, if any
-            try:
-                return self._create(spec)
-            except BaseException as exc:  # also a task being killed: leave no process behind
-                self._remove(spec.name)
-                if not isinstance(exc, Exception) or isinstance(exc, artifacts.ArtifactError | EnvironmentFailed):
-                    raise
-                raise EnvironmentFailed(f"environment {spec.name}: provisioning failed: {exc}") from exc
+            return self._create_or_clean_up(spec)
 
     def wait_until_healthy(self, name: str, health_path: str, timeout: float) -> EnvironmentInfo:
         deadline = time.monotonic() + timeout
         while True:
             state = self._require(name)
-            failing = []
-            for entry in state["processes"]:  # workers first, then the proxy
-                if entry.get("pid") is None:  # being started by a resize
-                    failing.append((entry, "starting"))
-                    continue
-                if not _alive(entry):
-                    raise EnvironmentFailed(self._died(name, entry))
-                ok, answer = _get(entry["port"], health_path)
-                if not ok:
-                    failing.append((entry, answer))
+            failing = self._failing(state, health_path)
             if not failing:
                 return self._info(state)
             if time.monotonic() >= deadline:
@@ -104,6 +96,30 @@ class LocalDriver(EnvironmentDriver):
                     f"last lines of {entry['log']}:\n{_tail(entry['log'])}"
                 )
             time.sleep(0.1)
+
+    def health_problem(self, name: str, health_path: str) -> str | None:
+        state = self._read_state(name)
+        if state is None:
+            return f"environment {name} does not exist"
+        try:
+            failing = self._failing(state, health_path)
+        except EnvironmentFailed as exc:
+            return str(exc)
+        return "; ".join(f"{_label(e)}: GET {health_path} -> {a}" for e, a in failing) or None
+
+    def _failing(self, state: dict, health_path: str) -> list[tuple[dict, str]]:
+        """Processes that do not answer ``health_path`` with 2xx; raises when one has died."""
+        failing = []
+        for entry in state["processes"]:  # workers first, then the proxy
+            if entry.get("pid") is None:  # being started by a resize
+                failing.append((entry, "starting"))
+                continue
+            if not _alive(entry):
+                raise EnvironmentFailed(self._died(state["name"], entry))
+            ok, answer = _get(entry["port"], health_path)
+            if not ok:
+                failing.append((entry, answer))
+        return failing
 
     def get(self, name: str) -> EnvironmentInfo | None:
         state = self._read_state(name)
@@ -121,7 +137,8 @@ class LocalDriver(EnvironmentDriver):
         if not self.root.is_dir():
             return []
         states = (self._read_state(p.name) for p in sorted(self.root.iterdir()) if (p / "state.json").is_file())
-        return [self._info(s) for s in states if s and application in (None, s["application"])]
+        return [self._info(s) for s in states
+                if s and s["stage"] != ROUTER_STAGE and application in (None, s["application"])]
 
     def set_backends(self, name: str, backends: list[str | int]) -> None:
         """Point the proxy at ``backends`` (URLs or local ports) atomically; for a blue/green switch.
@@ -131,19 +148,130 @@ class LocalDriver(EnvironmentDriver):
         urls = [f"http://127.0.0.1:{b}" if isinstance(b, int) else b for b in backends]
         _write_json(self._folder(name) / "backends.json", {"backends": urls})
 
+    def update(self, spec: EnvironmentSpec) -> EnvironmentInfo:
+        with self._lock(spec.name):
+            state = self._read_state(spec.name)
+            if state is None or state.get("status") != "ready":
+                self._remove(spec.name)
+                return self._create_or_clean_up(spec)
+            try:
+                self._restart_dead(state)
+            except OSError as exc:
+                raise EnvironmentFailed(f"environment {spec.name}: cannot restart a process: {exc}") from exc
+            if state["version"] != spec.version:
+                state = self._replace_release(state, spec)
+            return self._info(self._resize(state, spec.size))
+
+    # ------------------------------------------------------------------ production address (blue/green)
+
+    def ensure_router(self, application: str) -> RouterInfo:
+        name = router_name(application)
+        with self._lock(name):
+            state = self._read_state(name)
+            if state is not None and state.get("status") == "ready":
+                try:
+                    self._restart_dead(state)  # on its own port again, when it is free
+                except OSError as exc:
+                    raise EnvironmentFailed(f"router {name}: cannot restart its proxy: {exc}") from exc
+                self._wait_listening(name, state["processes"])
+                return self._router_info(state)
+            self._remove(name)
+            (self._folder(name) / "logs").mkdir(parents=True)
+            state = {"name": name, "application": application, "stage": ROUTER_STAGE, "version": "",
+                     "artifact": {}, "status": "provisioning", "processes": [], "routed_to": None,
+                     "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+            try:
+                (entry,) = self._reserve(state, ["proxy"], port=self.settings.production_port)
+                self.set_backends(name, [])
+                self._start(state, entry)
+                self._wait_listening(name, [entry])
+            except BaseException:
+                self._remove(name)
+                raise
+            state["status"] = "ready"
+            self._write_state(state)
+            return self._router_info(state)
+
+    def router(self, application: str) -> RouterInfo | None:
+        state = self._read_state(router_name(application))
+        return self._router_info(state) if state else None
+
+    def green_spec(self, router: RouterInfo, spec: EnvironmentSpec) -> EnvironmentSpec:
+        return spec  # any environment can sit behind the router: it proxies to the environment's own address
+
+    def test_endpoint(self, router: RouterInfo, name: str) -> str:
+        return self.endpoint(name)
+
+    def switch(self, application: str, name: str | None) -> RouterInfo:
+        router = router_name(application)
+        with self._lock(router):
+            state = self._require(router)
+            self.set_backends(router, [self.endpoint(name)] if name else [])
+            state["routed_to"] = name
+            self._write_state(state)
+        time.sleep(SWITCH_GRACE)  # from now on every new request goes to ``name``
+        return self._router_info(state)
+
+    def remove_router(self, application: str) -> bool:
+        return self.teardown(router_name(application))
+
     # ------------------------------------------------------------------ creating and changing
+
+    def _create_or_clean_up(self, spec: EnvironmentSpec) -> EnvironmentInfo:
+        try:
+            return self._create(spec)
+        except BaseException as exc:  # also a task being killed: leave no process behind
+            self._remove(spec.name)
+            if not isinstance(exc, Exception) or isinstance(exc, artifacts.ArtifactError | EnvironmentFailed):
+                raise
+            raise EnvironmentFailed(f"environment {spec.name}: provisioning failed: {exc}") from exc
+
+    def _unpack(self, spec: EnvironmentSpec, release: str) -> None:
+        folder = self._folder(spec.name)
+        # Verified before anything is unpacked or started: a tampered artifact never runs.
+        tarball = artifacts.download_verified(self.s3, spec.artifact, folder / f"{release}.tar.gz")
+        with tarfile.open(tarball) as tar:
+            tar.extractall(folder / release, filter="data")  # no absolute paths, links out, devices...
+        tarball.unlink()
+
+    def _replace_release(self, state: dict, spec: EnvironmentSpec) -> dict:
+        """New workers of ``spec.version`` next to the old ones, the proxy switched to them, the old stopped."""
+        release = _release_dir(spec.version)
+        shutil.rmtree(self._folder(spec.name) / release, ignore_errors=True)
+        self._unpack(spec, release)
+        old, previous = _workers(state), {k: state.get(k) for k in ("version", "artifact", "image_id")}
+        state.update(version=spec.version, artifact=spec.artifact, image_id=spec.image_id)
+        new = self._reserve(state, ["worker"] * spec.size, release=release)
+        try:
+            for entry in new:
+                self._start(state, entry)
+            self._wait_listening(spec.name, new)
+        except Exception as exc:
+            _stop(new)
+            state["processes"] = [p for p in state["processes"] if p not in new]
+            state.update(previous)  # the old version keeps serving
+            self._write_state(state)
+            if isinstance(exc, EnvironmentFailed):
+                raise
+            raise EnvironmentFailed(f"environment {spec.name}: cannot start version {spec.version}: {exc}") from exc
+        self.set_backends(spec.name, [p["port"] for p in new])
+        state["processes"] = [p for p in state["processes"] if p not in old]
+        self._write_state(state)
+        time.sleep(SWITCH_GRACE)  # the proxy sends new requests to the new workers before the old ones stop
+        _stop(old)
+        for folder in {p.get("release", "release") for p in old} - {release}:
+            shutil.rmtree(self._folder(spec.name) / folder, ignore_errors=True)
+        return state
+
 
     def _create(self, spec: EnvironmentSpec) -> EnvironmentInfo:
         folder = self._folder(spec.name)
         (folder / "logs").mkdir(parents=True)
-        # Verified before anything is unpacked or started: a tampered artifact never runs.
-        tarball = artifacts.download_verified(self.s3, spec.artifact, folder / "artifact.tar.gz")
-        with tarfile.open(tarball) as tar:
-            tar.extractall(folder / "release", filter="data")  # no absolute paths, links out, devices...
-        tarball.unlink()
+        release = _release_dir(spec.version)
+        self._unpack(spec, release)
         state = {**dataclasses.asdict(spec), "driver": self.name, "status": "provisioning", "processes": [],
                  "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
-        new = self._reserve(state, ["worker"] * spec.size + ["proxy"])
+        new = self._reserve(state, ["worker"] * spec.size + ["proxy"], release=release)
         for entry in new:
             if entry["role"] == "proxy":  # last: it starts with the workers' list in place
                 self._write_backends(state)
@@ -157,7 +285,8 @@ class LocalDriver(EnvironmentDriver):
             raise EnvironmentFailed(f"environment {state['name']}: size must be at least 1, got {size}")
         workers = _workers(state)
         if size > len(workers):
-            new = self._reserve(state, ["worker"] * (size - len(workers)))
+            release = workers[0].get("release", "release") if workers else _release_dir(state["version"])
+            new = self._reserve(state, ["worker"] * (size - len(workers)), release=release)
             try:
                 for entry in new:
                     self._start(state, entry)
@@ -196,15 +325,28 @@ class LocalDriver(EnvironmentDriver):
                 taken.add(entry["port"])
                 entry["pid"] = None  # reserved
             self._write_state(state)
-        self._write_backends(state)
+        if any(entry["role"] == "worker" for entry in dead):  # a worker's port may have changed
+            self._write_backends(state)
         for entry in dead:
             self._start(state, entry)
 
-    def _reserve(self, state: dict, roles: list[str]) -> list[dict]:
-        """New process entries with free ports, recorded in the state before the lock is released."""
+    def _reserve(self, state: dict, roles: list[str], release: str | None = None,
+                 port: int | None = None) -> list[dict]:
+        """New process entries with free ports, recorded in the state before the lock is released.
+
+        ``port``: the one port wanted (a router's configured production port); ``release``: the
+        folder new workers run in.
+        """
         with self._ports_lock():
-            ports = self._free_ports(len(roles), self._taken_ports())
-            new = [{"role": role, "port": port, "pid": None} for role, port in zip(roles, ports, strict=True)]
+            taken = self._taken_ports()
+            if port is not None:
+                if port in taken or not _bindable(port):
+                    raise EnvironmentFailed(f"environment {state['name']}: port {port} is in use")
+                ports = [port]
+            else:
+                ports = self._free_ports(len(roles), taken)
+            new = [{"role": role, "port": p, "pid": None} | ({"release": release} if role == "worker" else {})
+                   for role, p in zip(roles, ports, strict=True)]
             state["processes"] = _workers(state) + [p for p in new if p["role"] == "worker"] + [
                 p for p in state["processes"] + new if p["role"] == "proxy"
             ]
@@ -216,9 +358,10 @@ class LocalDriver(EnvironmentDriver):
         env = dict(os.environ)
         if entry["role"] == "worker":
             command = ["bash", "-c", self.settings.start_command.format(port=entry["port"])]
-            cwd = folder / "release"
+            cwd = folder / entry.get("release", "release")
             env.update(self.settings.env)
-            env.update(DEPLOYLINE_ENVIRONMENT=state["name"], DEPLOYLINE_VERSION=state["version"])
+            env.update(DEPLOYLINE_ENVIRONMENT=state["name"], DEPLOYLINE_VERSION=state["version"],
+                       DEPLOYLINE_STAGE=state["stage"])
         else:
             backends = str(folder / "backends.json")
             command = [sys.executable, "-m", "deployline.local_proxy", "--port", str(entry["port"]), "--backends",
@@ -326,9 +469,15 @@ class LocalDriver(EnvironmentDriver):
             version=state["version"], size=len(_workers(state)), endpoint=state.get("endpoint", ""),
             driver=self.name, created_at=state["created_at"], labels=state.get("labels", {}),
             details={"status": state.get("status"), "folder": str(self._folder(state["name"])),
-                     "artifact": state["artifact"].get("uri"), "image_id": state.get("image_id"),
+                     "artifact": (state.get("artifact") or {}).get("uri"), "image_id": state.get("image_id"),
                      "processes": processes},
         )
+
+    def _router_info(self, state: dict) -> RouterInfo:
+        return RouterInfo(application=state["application"], name=state["name"], endpoint=state.get("endpoint", ""),
+                          live=state.get("routed_to"), driver=self.name,
+                          details={"status": state.get("status"), "folder": str(self._folder(state["name"])),
+                                   "processes": self._info(state).details["processes"]})
 
     def _died(self, name: str, entry: dict) -> str:
         code = _exit_code(entry)
@@ -338,6 +487,14 @@ class LocalDriver(EnvironmentDriver):
 
 
 # ---------------------------------------------------------------------- processes
+
+
+def router_name(application: str) -> str:
+    return f"dl-{application.replace('_', '-')}-router"
+
+
+def _release_dir(version: str) -> str:
+    return "release-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", version)
 
 
 def _workers(state: dict) -> list[dict]:

@@ -1,0 +1,113 @@
+"""Stage 7, ``7-pre-production``: the long-lived environment at production size, on this version."""
+
+from __future__ import annotations
+
+import logging
+
+from airflow.sdk import TaskGroup, chain, get_current_context, task
+
+from deployline import aws
+from deployline.airflow_api import api_from_connection
+from deployline.config import PipelineConfig
+from deployline.environment_tasks import run_repository_test
+from deployline.environments.base import EnvironmentSpec, environment_name
+from deployline.releases import ReleaseRegistry, utcnow
+
+log = logging.getLogger(__name__)
+
+DOC = """\
+### 7-pre-production: production size, this version
+
+Starts only when `5-exploratory` (approved) and `6-capacity` (thresholds met) both
+succeeded in this run, so both judged this very version; `check_release_ready` confirms it
+from the release record. `ensure_pools` creates the application's one-slot pools
+(`{pre_pool}`, `{prod_pool}`) when they are missing. `update_environment` brings the
+application's long-lived pre-production environment (`{env}`) to production size ({size})
+and this version, new workers up before the old ones stop; `smoke_test` runs the
+repository's smoke tests against it and checks the version it reports. Both hold the pool
+`{pre_pool}`, so two runs never update it at the same time.
+"""
+
+
+def preproduction_name(config: PipelineConfig) -> str:
+    return environment_name(config.application, "preproduction", config.application)
+
+
+def release_ready(record: dict, profiles: list[str], run_id: str) -> list[str]:
+    """What keeps this version from pre-production, from its release record (empty: ready).
+
+    The exploratory approval may not be recorded yet (the gate records it after the decision
+    that let this run go on); only a recorded rejection counts against it.
+    """
+    problems = []
+    decision = (record.get("approvals") or {}).get("exploratory", {}).get("decision")
+    if decision not in (None, "approved"):
+        problems.append(f"exploratory approval is {decision}")
+    tests = record.get("load_tests") or {}
+    for name in profiles:
+        result = tests.get(name) or {}
+        if result.get("run_id") != run_id:
+            problems.append(f"load profile {name} did not run in {run_id}")
+        elif not result.get("passed"):
+            problems.append(f"load profile {name} failed")
+    return problems
+
+
+def preproduction_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
+    sizes = config.environments.sizes
+    with TaskGroup("7-pre-production", tooltip="production-size environment, smoke tests") as group:
+        group.doc_md = DOC.format(env=preproduction_name(config), size=sizes.preproduction,
+                                  pre_pool=config.preproduction_pool, prod_pool=config.production_pool)
+
+        @task(task_id="check_release_ready")
+        def check_release_ready(commit: dict) -> None:
+            record = ReleaseRegistry.for_config(config).get(commit["version"]) or {}
+            problems = release_ready(record, list(config.capacity.profiles()), get_current_context()["run_id"])
+            if problems:
+                raise RuntimeError(f"{commit['version']} is not ready for pre-production: {'; '.join(problems)}")
+            log.info("%s: exploratory approval and every load profile passed in this run", commit["version"])
+
+        @task(task_id="ensure_pools")
+        def ensure_pools() -> None:
+            api = api_from_connection()
+            if api is None:
+                log.warning("no deployline_api connection: create the pools %s and %s (1 slot each) yourself, "
+                            "e.g. `airflow pools set %s 1 'one deploy at a time'`", config.preproduction_pool,
+                            config.production_pool, config.production_pool)
+                return
+            for pool in (config.preproduction_pool, config.production_pool):
+                existing = {p["name"] for p in api.get("/pools", limit=1000)["pools"]}
+                if pool not in existing:
+                    api.request("POST", "/pools", json={"name": pool, "slots": 1, "include_deferred": False,
+                                                        "description": f"one {config.application} deploy at a time"})
+                    log.info("created pool %s (1 slot)", pool)
+
+        @task(task_id="update_environment", pool=config.preproduction_pool, retries=1)
+        def update_environment(candidate: dict, commit: dict) -> str:
+            spec = EnvironmentSpec(
+                application=config.application, stage="preproduction", name=preproduction_name(config),
+                size=sizes.preproduction, version=commit["version"], artifact=candidate["artifact"],
+                image_id=candidate.get("application_image"), labels={"run_id": get_current_context()["run_id"]})
+            driver = aws.environment_driver(config)
+            before = driver.get(spec.name)
+            info = driver.update(spec)
+            driver.wait_until_healthy(spec.name, config.environments.health_path, config.environments.health_timeout)
+            log.info("pre-production %s: %s -> %s, %d at %s", info.name, before.version if before else "(new)",
+                     info.version, info.size, info.endpoint)
+            return info.endpoint
+
+        @task(task_id="smoke_test", pool=config.preproduction_pool)
+        def smoke_test(endpoint: str, candidate: dict, commit: dict) -> list[str]:
+            ctx = get_current_context()
+            output = run_repository_test(config, config.smoke_test, "smoke_test", commit, endpoint,
+                                         candidate["artifact_version"], f"{ctx['run_id']}-preproduction")
+            ReleaseRegistry.for_config(config).update(
+                commit["version"], preproduction={"environment": preproduction_name(config), "endpoint": endpoint,
+                                                  "smoke_output": output[-10:], "at": utcnow()},
+                stages={"7-pre-production": {"result": "success", "finished_at": utcnow(), "run_id": ctx["run_id"]}})
+            return output
+
+        ready = check_release_ready(commit)
+        endpoint = update_environment(candidate, commit)
+        chain(ready, ensure_pools(), endpoint, smoke_test(endpoint, candidate, commit))
+    return group

@@ -1,0 +1,102 @@
+"""Stage 8, ``8-production``: production approval, then a blue/green deploy with rollback."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+from airflow.sdk import TaskGroup, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
+
+from deployline import aws, notifications
+from deployline.approvals import approval_tasks
+from deployline.config import PipelineConfig
+from deployline.deployments import RolledBack, blue_green, remove_idle, superseded_by
+from deployline.environment_tasks import run_repository_test
+from deployline.environments.base import EnvironmentSpec, environment_name
+from deployline.releases import ReleaseRegistry, utcnow
+
+log = logging.getLogger(__name__)
+
+DOC = """\
+### 8-production: approval, then blue/green
+
+`request_approval` asks `{app}_approve_production`; `await_approval` waits (deferred) for
+a person with the `{role}` role. Then `deploy`, which holds the one-slot pool `{pool}` so
+two production deploys never overlap:
+
+1. A version older than the live one is **skipped as superseded** (the log says which).
+2. The new version (green) starts at production size ({size}) next to the live one (blue),
+   must answer `{health}` and pass the smoke tests at its own address.
+3. The production address switches to green; the smoke tests run again through it and
+   green's health is watched for {verify:g} s.
+4. Blue keeps running {drain:g} s for requests in flight, then it is removed.
+
+If green fails in step 2 or 3, traffic stays on or returns to blue, green is removed, the
+run fails and the release record gets a `rollback` entry. `clean_up_environments`
+(teardown, same pool) removes any production environment that takes no traffic, even
+after a killed deploy.
+"""
+
+
+def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGroup:
+    envs = config.environments
+    with TaskGroup("8-production", tooltip="production approval, blue/green deploy, rollback") as group:
+        group.doc_md = DOC.format(app=config.application, role=config.approvals.approver_role,
+                                  pool=config.production_pool, size=envs.sizes.production, health=envs.health_path,
+                                  verify=config.production.verify_seconds, drain=config.production.drain_seconds)
+        _, _, approved = approval_tasks(config, "production", commit, after=after)
+
+        @task(task_id="deploy", pool=config.production_pool)
+        def deploy(candidate: dict, commit: dict) -> dict:
+            run_id, version = get_current_context()["run_id"], commit["version"]
+            driver, registry = aws.environment_driver(config), ReleaseRegistry.for_config(config)
+            newer = superseded_by(driver, config.application, version)
+            if newer:
+                registry.update(version, production={"result": "superseded", "live_version": newer, "at": utcnow(),
+                                                     "run_id": run_id},
+                                stages={"8-production": {"result": "superseded", "finished_at": utcnow(),
+                                                         "run_id": run_id}})
+                raise AirflowSkipException(f"superseded: production runs {newer}, which is newer than {version}; "
+                                           f"{version} is not deployed")
+            spec = EnvironmentSpec(
+                application=config.application, stage="production",
+                name=environment_name(config.application, "production", version), size=envs.sizes.production,
+                version=version, artifact=candidate["artifact"], image_id=candidate.get("application_image"),
+                labels={"run_id": run_id})
+            attempt = itertools.count(1)
+
+            def smoke(url: str) -> list[str]:
+                return run_repository_test(config, config.smoke_test, "smoke_test", commit, url,
+                                           candidate["artifact_version"], f"{run_id}-production-{next(attempt)}")
+
+            try:
+                deployed = blue_green(driver, spec, config.production, health_path=envs.health_path,
+                                      health_timeout=envs.health_timeout, smoke=smoke, logger=log)
+            except RolledBack as exc:
+                registry.update(version, rollback=exc.to_dict(),
+                                production={"result": "rolled_back", "at": utcnow(), "run_id": run_id})
+                notifications.publish(config, f"{config.application} {version}: rolled back", str(exc))
+                raise
+            details = deployed.to_dict() | {"run_id": run_id, "at": utcnow()}
+            if deployed.result == "deployed":
+                registry.set_production(version, environment=deployed.environment, endpoint=deployed.endpoint,
+                                        run_id=run_id, previous_version=deployed.previous_version)
+            registry.update(version, production=details, stages={"8-production": {
+                "result": "success", "finished_at": utcnow(), "run_id": run_id}})
+            notifications.publish(config, f"{config.application} {version} is live",
+                                  f"{version} serves {deployed.endpoint} (previous: {deployed.previous_version}).")
+            log.info("%s is live at %s (switch %.2fs, previous %s)", version, deployed.endpoint,
+                     deployed.switch_seconds, deployed.previous_version)
+            return details
+
+        @task(task_id="clean_up_environments", pool=config.production_pool)
+        def clean_up_environments() -> list[str]:
+            removed = remove_idle(aws.environment_driver(config), config.application, logger=log)
+            log.info("removed %d idle production environment(s): %s", len(removed), ", ".join(removed) or "none")
+            return removed
+
+        deployed = deploy(candidate, commit)
+        approved >> deployed
+        deployed >> clean_up_environments().as_teardown(setups=deployed)
+    return group
