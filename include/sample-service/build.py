@@ -7,6 +7,16 @@ Writes ONE reproducible tarball ``<out>/sample-service-<version>.tar.gz``:
     sample_service/...          the package from src/ (no __pycache__ / *.pyc)
     sample_service/VERSION      $DEPLOYLINE_VERSION (default "dev")
     sample_service/COMMIT       $DEPLOYLINE_COMMIT  (default "unknown")
+    sample_service/SETTINGS.json  only if settings.json exists next to build.py:
+                                validated, then written as canonical JSON
+
+settings.json (optional, build-level switches; errors name the file and the key):
+
+    {"fail_health_after": 5, "fail_health_stages": ["production"]}
+
+    fail_health_after   seconds >= 0 after start when /health starts failing, or null
+    fail_health_stages  list of stage names ($DEPLOYLINE_STAGE at run time) the switch
+                        is limited to; empty or absent = every stage
 
 The same tree always gives the same bytes: entries are sorted, owner is
 0:0 (root), modes are fixed (0755 dirs/run.sh, 0644 files), every mtime is
@@ -19,15 +29,19 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
+import json
+import math
 import os
 import re
 import sys
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 SRC_PACKAGE = ROOT / "src" / "sample_service"
+SETTINGS_FILE = ROOT / "settings.json"
 PACKAGE = "sample_service"
 DIST_NAME = "sample-service"
 DEFAULT_VERSION = "dev"
@@ -35,7 +49,14 @@ DEFAULT_COMMIT = "unknown"
 
 EXCLUDED_DIRS = frozenset({"__pycache__"})
 EXCLUDED_SUFFIXES = frozenset({".pyc", ".pyo"})
-GENERATED_FILES = frozenset({"VERSION", "COMMIT"})  # always written by the build
+PACKAGED_SETTINGS = "SETTINGS.json"
+# Written (or left out) by the build; never copied from src/.
+GENERATED_FILES = frozenset({"VERSION", "COMMIT", PACKAGED_SETTINGS})
+
+# Keep these rules in step with sample_service.app.parse_settings (a unit test checks).
+SETTINGS_KEYS = ("fail_health_after", "fail_health_stages")
+# Stages of the Deployline pipeline; other names only give a warning.
+KNOWN_STAGES = ("acceptance", "capacity", "self_service", "preproduction", "production")
 
 # Used in the file name, so keep it to a safe, single path component.
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
@@ -88,7 +109,113 @@ def iter_package_files(src: Path) -> Iterator[tuple[str, Path]]:
             yield rel, path
 
 
-def _entries(src: Path, version: str, commit: str) -> dict[str, tuple[bytes | None, int]]:
+class SettingsError(ValueError):
+    """A bad settings.json; the message names the file and the key."""
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise SettingsError(f"key {key!r} appears more than once")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise SettingsError(f"{name} is not a valid JSON value")
+
+
+def _is_seconds(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value)) and value >= 0
+    except OverflowError:
+        return False
+
+
+def parse_settings(text: str | bytes, source: str = "settings.json") -> dict[str, Any]:
+    """Validate settings JSON and return it as a dict; errors name ``source`` and the key."""
+    try:
+        data = json.loads(
+            text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
+        )
+    except SettingsError as exc:
+        raise SettingsError(f"{source}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise SettingsError(
+            f"{source}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SettingsError(f"{source}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{source}: must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(SETTINGS_KEYS))
+    if unknown:
+        raise SettingsError(
+            f"{source}: unknown key {unknown[0]!r} (allowed keys: {', '.join(SETTINGS_KEYS)})"
+        )
+    after = data.get("fail_health_after")
+    if after is not None and not _is_seconds(after):
+        raise SettingsError(
+            f"{source}: key 'fail_health_after' must be a number of seconds >= 0 or null, "
+            f"got {json.dumps(after)}"
+        )
+    stages = data.get("fail_health_stages", [])
+    if not isinstance(stages, list):
+        raise SettingsError(
+            f"{source}: key 'fail_health_stages' must be a list of stage names "
+            f'(e.g. ["production"]), got {json.dumps(stages)}'
+        )
+    for index, stage in enumerate(stages):
+        if not isinstance(stage, str) or not stage or stage.strip() != stage:
+            raise SettingsError(
+                f"{source}: key 'fail_health_stages' item {index} must be a non-empty stage "
+                f"name without surrounding spaces, got {json.dumps(stage)}"
+            )
+    return data
+
+
+def read_settings(path: Path | None) -> dict[str, Any] | None:
+    """The validated settings file at ``path``, or None when there is none."""
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    return parse_settings(text, str(path))
+
+
+def settings_bytes(settings: Mapping[str, Any]) -> bytes:
+    """Canonical JSON for the package: the same settings always give the same bytes."""
+    return (json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def settings_warnings(settings: Mapping[str, Any], source: str = "settings.json") -> list[str]:
+    """Valid but probably unintended settings (typos in stage names, a switch that is off)."""
+    warnings = []
+    stages = settings.get("fail_health_stages") or []
+    for stage in stages:
+        if stage not in KNOWN_STAGES:
+            warnings.append(
+                f"{source}: key 'fail_health_stages' lists {stage!r}, which is not a Deployline "
+                f"stage ({', '.join(KNOWN_STAGES)}): the switch never fires there"
+            )
+    if stages and settings.get("fail_health_after") is None:
+        warnings.append(
+            f"{source}: key 'fail_health_stages' has no effect while 'fail_health_after' "
+            "is absent or null"
+        )
+    return warnings
+
+
+def _entries(
+    src: Path, version: str, commit: str, settings: Mapping[str, Any] | None = None
+) -> dict[str, tuple[bytes | None, int]]:
     """Map archive name -> (content, mode); content None marks a directory."""
     entries: dict[str, tuple[bytes | None, int]] = {
         "run.sh": (RUN_SH.encode("utf-8"), EXEC_MODE),
@@ -96,6 +223,8 @@ def _entries(src: Path, version: str, commit: str) -> dict[str, tuple[bytes | No
         f"{PACKAGE}/VERSION": (f"{version}\n".encode(), FILE_MODE),
         f"{PACKAGE}/COMMIT": (f"{commit}\n".encode(), FILE_MODE),
     }
+    if settings is not None:
+        entries[f"{PACKAGE}/{PACKAGED_SETTINGS}"] = (settings_bytes(settings), FILE_MODE)
     for rel, path in iter_package_files(src):
         parts = rel.split("/")
         for depth in range(1, len(parts)):  # parent directories of nested files
@@ -104,13 +233,19 @@ def _entries(src: Path, version: str, commit: str) -> dict[str, tuple[bytes | No
     return entries
 
 
-def tarball_bytes(src: Path, version: str, commit: str, epoch: int = 0) -> bytes:
-    """Return the reproducible ``.tar.gz`` content for ``src``."""
+def tarball_bytes(
+    src: Path,
+    version: str,
+    commit: str,
+    epoch: int = 0,
+    settings: Mapping[str, Any] | None = None,
+) -> bytes:
+    """Return the reproducible ``.tar.gz`` content for ``src`` (and validated settings)."""
     if not (src / "__init__.py").is_file():
         raise ValueError(f"{src} is not a Python package (no __init__.py)")
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, (content, mode) in sorted(_entries(src, version, commit).items()):
+        for name, (content, mode) in sorted(_entries(src, version, commit, settings).items()):
             info = tarfile.TarInfo(name)
             info.mode = mode
             info.mtime = epoch
@@ -140,15 +275,21 @@ def build(
     *,
     src: Path = SRC_PACKAGE,
     epoch: int = 0,
+    settings_file: Path | None = None,
 ) -> Path:
-    """Write ``out_dir/sample-service-<version>.tar.gz`` and return its path."""
+    """Write ``out_dir/sample-service-<version>.tar.gz`` and return its path.
+
+    ``settings_file``: a settings.json to validate and package as SETTINGS.json; None or
+    a missing file packages none (``main`` passes the one next to build.py).
+    """
     if not VERSION_RE.fullmatch(version):
         raise ValueError(f"invalid version {version!r}: use letters, digits and . _ + -")
     if not COMMIT_RE.fullmatch(commit):
         raise ValueError(f"invalid commit {commit!r}: use letters, digits and . _ + -")
     if epoch < 0:
         raise ValueError("epoch must be >= 0")
-    data = tarball_bytes(Path(src), version, commit, epoch)
+    settings = read_settings(settings_file)
+    data = tarball_bytes(Path(src), version, commit, epoch, settings)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / artifact_name(version)
@@ -173,13 +314,23 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         default=ROOT / "dist",
         help="output directory (default: dist/ next to build.py)",
     )
+    parser.add_argument(
+        "--settings",
+        type=Path,
+        default=SETTINGS_FILE,
+        help="optional build settings to validate and package as sample_service/SETTINGS.json "
+        "(default: settings.json next to build.py; a missing file packages none)",
+    )
     args = parser.parse_args(argv)
     try:
+        for warning in settings_warnings(read_settings(args.settings) or {}, str(args.settings)):
+            print(f"build.py: warning: {warning}", file=sys.stderr)
         path = build(
             args.out,
             env.get("DEPLOYLINE_VERSION", "").strip() or DEFAULT_VERSION,
             env.get("DEPLOYLINE_COMMIT", "").strip() or DEFAULT_COMMIT,
             epoch=source_date_epoch(env),
+            settings_file=args.settings,
         )
     except (ValueError, OSError) as exc:
         print(f"build.py: error: {exc}", file=sys.stderr)

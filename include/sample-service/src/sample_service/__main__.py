@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m sample_service",
         description="Deployline sample HTTP service.",
         epilog="Environment: SAMPLE_SERVICE_HOST, SAMPLE_SERVICE_PORT, SAMPLE_SERVICE_VERSION, "
-        "SAMPLE_SERVICE_COMMIT, SAMPLE_SERVICE_FAIL_HEALTH_AFTER (seconds).",
+        "SAMPLE_SERVICE_COMMIT, SAMPLE_SERVICE_FAIL_HEALTH_AFTER (seconds), DEPLOYLINE_STAGE. "
+        "The packaged sample_service/SETTINGS.json (from settings.json at build time) can "
+        "also turn on the fail-health switch.",
     )
     parser.add_argument(
         "--host",
@@ -58,7 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, port = server.server_address[:2]
     note = ""
     if config.fail_health_after is not None:
-        note = f"; /health will fail after {config.fail_health_after:g}s"
+        note = (
+            f"; /health will fail after {config.fail_health_after:g}s"
+            f" ({config.fail_health_source or 'configured'})"
+        )
     print(
         f"sample-service {config.version} (commit {config.commit}) "
         f"listening on http://{host}:{port}{note}",

@@ -8,8 +8,9 @@ directly, without sockets. :func:`make_server` wraps it in a small
 Endpoints::
 
     GET  /health                200 {"status": "ok", "version": ...}
-                                503 {"status": "failing", ...} once
-                                SAMPLE_SERVICE_FAIL_HEALTH_AFTER seconds have passed
+                                503 {"status": "failing", ...} once the fail-health
+                                switch (SAMPLE_SERVICE_FAIL_HEALTH_AFTER or the
+                                packaged SETTINGS.json) has fired
     GET  /version               200 {"version": ..., "commit": ...}
     GET  /api/items             200 {"items": [...], "count": n}
     POST /api/items             201 {"id": ..., "name": ..., "quantity": ...}
@@ -19,6 +20,7 @@ Endpoints::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,6 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
@@ -46,6 +49,12 @@ MAX_QUOTE_LINES = 100
 ENV_VERSION = "SAMPLE_SERVICE_VERSION"
 ENV_COMMIT = "SAMPLE_SERVICE_COMMIT"
 ENV_FAIL_HEALTH_AFTER = "SAMPLE_SERVICE_FAIL_HEALTH_AFTER"
+ENV_STAGE = "DEPLOYLINE_STAGE"  # set by the Deployline pipeline: "acceptance", "production"...
+
+# Build-time settings: build.py packages the optional settings.json from the project
+# root as SETTINGS.json next to this module (see load_settings).
+SETTINGS_FILE = Path(__file__).resolve().parent / "SETTINGS.json"
+SETTINGS_KEYS = ("fail_health_after", "fail_health_stages")
 
 
 class Response(NamedTuple):
@@ -94,23 +103,148 @@ class ValidationError(Exception):
 
 
 @dataclass(frozen=True)
+class Settings:
+    """The validated content of a settings file (see :func:`load_settings`)."""
+
+    fail_health_after: float | None = None
+    fail_health_stages: tuple[str, ...] = ()
+
+    def fail_health_after_in(self, stage: str) -> float | None:
+        """The switch for a service running in ``stage`` ("" = unknown stage)."""
+        if self.fail_health_stages and stage not in self.fail_health_stages:
+            return None
+        return self.fail_health_after
+
+
+class SettingsError(ValueError):
+    """A settings file that cannot be used; the message names the file and the key."""
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise SettingsError(f"key {key!r} appears more than once")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise SettingsError(f"{name} is not a valid JSON value")
+
+
+def parse_settings(text: str | bytes, source: str = "settings") -> Settings:
+    """Parse and validate settings JSON; errors name ``source`` and the offending key.
+
+    Keys (all optional, nothing else allowed):
+
+    - ``fail_health_after``: seconds (number >= 0) after start when ``/health`` starts
+      failing, or ``null`` for never;
+    - ``fail_health_stages``: list of stage names (``$DEPLOYLINE_STAGE``) the switch is
+      limited to; empty or absent = every stage.
+
+    build.py validates the project's settings.json with a copy of these rules.
+    """
+    try:
+        data = json.loads(
+            text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
+        )
+    except SettingsError as exc:
+        raise SettingsError(f"{source}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise SettingsError(
+            f"{source}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SettingsError(f"{source}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{source}: must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(SETTINGS_KEYS))
+    if unknown:
+        raise SettingsError(
+            f"{source}: unknown key {unknown[0]!r} (allowed keys: {', '.join(SETTINGS_KEYS)})"
+        )
+
+    after = data.get("fail_health_after")
+    if after is not None and not _is_seconds(after):
+        raise SettingsError(
+            f"{source}: key 'fail_health_after' must be a number of seconds >= 0 or null, "
+            f"got {json.dumps(after)}"
+        )
+
+    stages = data.get("fail_health_stages", [])
+    if not isinstance(stages, list):
+        raise SettingsError(
+            f"{source}: key 'fail_health_stages' must be a list of stage names "
+            f'(e.g. ["production"]), got {json.dumps(stages)}'
+        )
+    for index, stage in enumerate(stages):
+        if not isinstance(stage, str) or not stage or stage.strip() != stage:
+            raise SettingsError(
+                f"{source}: key 'fail_health_stages' item {index} must be a non-empty stage "
+                f"name without surrounding spaces, got {json.dumps(stage)}"
+            )
+    return Settings(None if after is None else float(after), tuple(stages))
+
+
+def _is_seconds(value: Any) -> bool:
+    """A JSON number >= 0 that fits a float (bool is an int subclass: not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value)) and value >= 0
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def load_settings(path: Path = SETTINGS_FILE) -> Settings:
+    """Read a settings file; a missing file means the defaults (switch off)."""
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return Settings()
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    return parse_settings(text, str(path))
+
+
+@dataclass(frozen=True)
 class Config:
     version: str = "dev"
     commit: str = "unknown"
     fail_health_after: float | None = None
+    # where fail_health_after came from, for the startup message (not part of equality)
+    fail_health_source: str = dataclasses.field(default="", compare=False)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
-        """Build the config from the packaged VERSION/COMMIT files and the environment.
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, settings_file: Path = SETTINGS_FILE
+    ) -> Config:
+        """Build the config from the packaged files and the environment.
 
         ``SAMPLE_SERVICE_VERSION`` / ``SAMPLE_SERVICE_COMMIT`` override the packaged
-        files; ``SAMPLE_SERVICE_FAIL_HEALTH_AFTER`` (seconds, >= 0) turns on the
-        failing-health switch used for rollback demos.
+        VERSION / COMMIT files. The failing-health switch used for rollback demos comes
+        from ``SAMPLE_SERVICE_FAIL_HEALTH_AFTER`` (seconds, >= 0) when that is set, else
+        from the packaged SETTINGS.json, limited to its ``fail_health_stages`` (compared
+        with ``$DEPLOYLINE_STAGE``) if it lists any. Raises ``ValueError`` (naming the
+        variable, or the file and key) for bad values.
         """
         env = os.environ if environ is None else environ
         version = env.get(ENV_VERSION, "").strip() or __version__
         commit = env.get(ENV_COMMIT, "").strip() or read_packaged_file("COMMIT", "unknown")
-        return cls(version, commit, parse_fail_after(env.get(ENV_FAIL_HEALTH_AFTER, "")))
+        # Always validate the packaged settings: a bad file fails at startup, everywhere.
+        settings = load_settings(settings_file)
+        from_env = parse_fail_after(env.get(ENV_FAIL_HEALTH_AFTER, ""))
+        if from_env is not None:
+            return cls(version, commit, from_env, ENV_FAIL_HEALTH_AFTER)
+        stage = env.get(ENV_STAGE, "").strip()
+        after = settings.fail_health_after_in(stage)
+        source = ""
+        if after is not None:
+            source = settings_file.name
+            if settings.fail_health_stages:
+                source += f", stage {stage}"
+        return cls(version, commit, after, source)
 
 
 def parse_fail_after(raw: str) -> float | None:
@@ -398,6 +532,10 @@ class RequestHandler(BaseHTTPRequestHandler):
     server_version = "sample-service"
     sys_version = ""
     timeout = 60  # seconds an idle keep-alive connection may hold a thread
+    # TCP_NODELAY: headers and body are separate writes; with Nagle on, the body waits
+    # for the client's delayed ACK (~40 ms) on every request after the first of a
+    # keep-alive connection.
+    disable_nagle_algorithm = True
 
     server: ServiceHTTPServer
 

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from sample_service import app as service_app
 
 SERVICE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,6 +56,7 @@ def src(tmp_path: Path) -> Path:
     (package / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"junk")
     (package / "stale.pyc").write_bytes(b"junk")
     (package / "VERSION").write_text("0.0.0-stale\n")  # replaced by the build
+    (package / "SETTINGS.json").write_text('{"fail_health_after": 0}')  # only from settings.json
     (package / ".DS_Store").write_bytes(b"junk")
     return package
 
@@ -169,3 +173,145 @@ def test_extracted_artifact_reports_its_version(tmp_path: Path, src: Path) -> No
         timeout=30,
     )
     assert result.stdout.strip() == "7.8.9"
+
+
+# ------------------------------------------------------------------ settings.json
+
+
+def read_member(path: Path, name: str) -> bytes:
+    with tarfile.open(path) as tar:
+        extracted = tar.extractfile(name)
+        assert extracted is not None
+        return extracted.read()
+
+
+def test_absent_settings_package_nothing(tmp_path: Path, src: Path) -> None:
+    plain = build.build(tmp_path / "a", "1.0.0", "abc", src=src)
+    absent = build.build(
+        tmp_path / "b", "1.0.0", "abc", src=src, settings_file=tmp_path / "settings.json"
+    )
+    assert plain.read_bytes() == absent.read_bytes()
+    with tarfile.open(absent) as tar:
+        assert [m.name for m in tar.getmembers()] == EXPECTED_MEMBERS
+
+
+def test_settings_are_packaged_canonically(tmp_path: Path, src: Path) -> None:
+    settings = tmp_path / "settings.json"
+    settings.write_text('{ "fail_health_stages": ["production"],\n  "fail_health_after": 5 }')
+    first = build.build(
+        tmp_path / "a", "1.0.0", "abc", src=src, epoch=86400, settings_file=settings
+    )
+    with tarfile.open(first) as tar:
+        names = [m.name for m in tar.getmembers()]
+        member = tar.getmember("sample_service/SETTINGS.json")
+    assert names == sorted([*EXPECTED_MEMBERS, "sample_service/SETTINGS.json"])
+    assert (member.mode, member.mtime, member.uid, member.gid) == (0o644, 86400, 0, 0)
+    packaged = read_member(first, "sample_service/SETTINGS.json")
+    assert (
+        packaged
+        == b'{\n  "fail_health_after": 5,\n  "fail_health_stages": [\n    "production"\n  ]\n}\n'
+    )
+    assert service_app.parse_settings(packaged) == service_app.Settings(5.0, ("production",))
+
+    # same settings, other spelling and mtime: same bytes
+    settings.write_text('{"fail_health_after": 5, "fail_health_stages": ["production"]}')
+    os.utime(settings, (2_000_000_000, 2_000_000_000))
+    second = build.build(
+        tmp_path / "b", "1.0.0", "abc", src=src, epoch=86400, settings_file=settings
+    )
+    assert sha256(first) == sha256(second)
+
+    settings.write_text('{"fail_health_after": 6, "fail_health_stages": ["production"]}')
+    third = build.build(
+        tmp_path / "c", "1.0.0", "abc", src=src, epoch=86400, settings_file=settings
+    )
+    assert sha256(third) != sha256(first)
+
+
+def test_main_packages_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = tmp_path / "settings.json"
+    settings.write_text('{"fail_health_after": 0}')
+    out = tmp_path / "out"
+    assert build.main(["--out", str(out), "--settings", str(settings)], environ={}) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert json.loads(read_member(Path(captured.out.strip()), "sample_service/SETTINGS.json")) == {
+        "fail_health_after": 0
+    }
+
+
+def test_main_reads_settings_next_to_build_py() -> None:
+    assert build.SETTINGS_FILE == SERVICE_ROOT / "settings.json"
+    assert "SETTINGS.json" in build.GENERATED_FILES  # never copied from src/
+
+
+@pytest.mark.parametrize(
+    ("content", "key"),
+    [
+        ('{"fail_health_after": "5"}', "'fail_health_after'"),
+        ('{"fail_health_after": -1}', "'fail_health_after'"),
+        ('{"fail_health_stages": "production"}', "'fail_health_stages'"),
+        ('{"fail_health_stages": [5]}', "'fail_health_stages' item 0"),
+        ('{"fail_after": 5}', "unknown key 'fail_after'"),
+        ('{"fail_health_after": 5', "not valid JSON"),
+    ],
+)
+def test_main_rejects_bad_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, key: str
+) -> None:
+    settings = tmp_path / "settings.json"
+    settings.write_text(content)
+    out = tmp_path / "out"
+    assert build.main(["--out", str(out), "--settings", str(settings)], environ={}) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"build.py: error: {settings}: ")
+    assert key in err
+    assert not out.exists()
+
+
+def test_main_warns_about_unknown_stages(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = tmp_path / "settings.json"
+    settings.write_text('{"fail_health_after": 5, "fail_health_stages": ["prod", "production"]}')
+    assert build.main(["--out", str(tmp_path / "out"), "--settings", str(settings)], {}) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err
+    assert "'prod'" in err
+    assert "'production'" not in err
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"fail_health_after": 5, "fail_health_stages": ["production"]}',
+        '{"fail_health_after": null}',
+        '{"fail_health_after": 0.5, "fail_health_stages": []}',
+        "{}",
+        '{"fail_health_after": 1, "fail_health_after": 1}',
+        '{"fail_health_after": true}',
+        '{"fail_health_after": NaN}',
+        '{"fail_health_after": 1e999}',
+        '{"fail_health_stages": null}',
+        '{"fail_health_stages": ["production "]}',
+        '{"other": 1}',
+        "[]",
+        "",
+    ],
+)
+def test_build_and_service_validate_settings_alike(content: str) -> None:
+    """build.py keeps a copy of the service's rules: they must accept and reject the same."""
+
+    def outcome(parse: object, error: type[Exception]) -> object:
+        try:
+            return parse(content, "f.json")  # type: ignore[operator]
+        except error as exc:
+            return f"error: {exc}"
+
+    service = outcome(service_app.parse_settings, service_app.SettingsError)
+    built = outcome(build.parse_settings, build.SettingsError)
+    if isinstance(service, str):
+        assert built == service
+    else:
+        assert isinstance(built, dict)
+        assert service_app.parse_settings(build.settings_bytes(built)) == service
