@@ -73,6 +73,9 @@ def log(message: str) -> None:
 
 class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive to clients
+    # Headers and body go out in separate writes: without TCP_NODELAY each kept-alive answer
+    # waits for the client's delayed ACK (about 40 ms).
+    disable_nagle_algorithm = True
     timeout = 60  # an idle client connection releases its thread after this
     server: ProxyServer
     _local = threading.local()  # this thread's backend connections: reused for speed

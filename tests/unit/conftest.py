@@ -1,5 +1,7 @@
 import boto3
+import psutil
 import pytest
+from deployline.environments.local import LocalDriver
 from moto import mock_aws
 
 
@@ -12,3 +14,21 @@ def s3(request, monkeypatch):
         client = boto3.client("s3", region_name="us-east-1")
         client.create_bucket(Bucket=request.module.BUCKET)
         yield client
+
+
+@pytest.fixture
+def root(tmp_path):
+    """The environments' root; afterwards every environment in it is torn down, even when a test failed."""
+    root = tmp_path / "environments"
+    yield root
+    driver = LocalDriver(None, root=root)
+    for state in root.glob("*/state.json"):  # environments and routers
+        driver.teardown(state.parent.name)
+    for process in psutil.process_iter(["cwd"]):  # belt and braces: anything still running in there
+        if (process.info["cwd"] or "").startswith(str(root)):
+            process.kill()
+
+
+@pytest.fixture
+def driver(s3, root):
+    return LocalDriver(s3, root=root)

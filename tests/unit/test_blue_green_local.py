@@ -5,12 +5,12 @@ import threading
 import time
 
 import pytest
+from deployline import artifacts
 from deployline.config import LocalDriverSettings, Production
 from deployline.deployments import AFTER_SWITCH, BEFORE_SWITCH, RolledBack, blue_green, remove_idle, superseded_by
 from deployline.environments.base import EnvironmentSpec, environment_name
 from deployline.environments.local import LocalDriver
-from deployline import artifacts
-from test_local_environments import BUCKET, build_artifact, driver, get, root  # noqa: F401 (fixtures)
+from test_local_environments import BUCKET, build_artifact, get
 
 __all__ = ["BUCKET"]  # the s3 fixture reads the module's BUCKET
 V1, V2 = "r1-abcdef0", "r2-bcdef01"

@@ -18,6 +18,7 @@ from moto.core import DEFAULT_ACCOUNT_ID
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "include" / "cloudformation" / "environment.yaml"
+ROUTER_TEMPLATE = ROOT / "include" / "cloudformation" / "router.yaml"
 REGION = "us-east-1"
 PREFIX = "/deployline/network"
 
@@ -103,9 +104,10 @@ def moto_stack(name):
     return next(s for s in backend.stacks.values() if s.name == name)
 
 
-def test_template_passes_cfn_lint():
+@pytest.mark.parametrize("template", [TEMPLATE, ROUTER_TEMPLATE], ids=lambda p: p.name)
+def test_template_passes_cfn_lint(template):
     cfn_lint = Path(sys.executable).parent / "cfn-lint"
-    result = subprocess.run([str(cfn_lint), str(TEMPLATE)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([str(cfn_lint), str(template)], capture_output=True, text=True, timeout=120)
     # cfn-lint exit codes: 0 clean, 4 warnings only; 2 / 6 mean errors.
     assert result.returncode in (0, 4), result.stdout + result.stderr
 
@@ -125,6 +127,8 @@ def test_provision_creates_the_stack(aws, driver, image_id, network):
     assert parameters["InstanceType"] == "t3.micro"
     assert parameters["AppPort"] == "8080"
     assert parameters["VpcId"] == network["vpc"]
+    # Its own load balancer: no router's target group.
+    assert parameters["TargetGroupArn"] == parameters["LoadBalancerSecurityGroupId"] == ""
     tags = {t["Key"]: t["Value"] for t in stack["Tags"]}
     assert tags["deployline:application"] == "sample_service"
     assert tags["deployline:environment"] == spec.name
@@ -137,7 +141,8 @@ def test_provision_creates_the_stack(aws, driver, image_id, network):
     assert info.details["StackStatus"] == "CREATE_COMPLETE"
 
     group = group_of(aws, info)
-    assert group["DesiredCapacity"] == group["MinSize"] == group["MaxSize"] == 2
+    assert group["DesiredCapacity"] == group["MinSize"] == 2
+    assert group["MaxSize"] == 3  # room for the one extra instance of a rolling update
     assert len(group["Instances"]) == 2
     assert group["TargetGroupARNs"] == [info.details["TargetGroupArn"]]
     assert group["HealthCheckType"] == "ELB"
@@ -284,8 +289,10 @@ def test_resize(aws, driver, image_id):
     assert info.size == 3 and info.details["StackStatus"] == "UPDATE_COMPLETE"
     group = group_of(aws, info)
     assert group["DesiredCapacity"] == 3 and len(group["Instances"]) == 3
+    assert group["MaxSize"] == 4
     parameters = {p["ParameterKey"]: p["ParameterValue"] for p in stack_of(aws, spec.name)["Parameters"]}
     assert parameters["ImageId"] == image_id and parameters["Version"] == "1.0.0"
+    assert parameters["MaxCapacity"] == "4"
     assert driver.wait_until_healthy(spec.name, "/health", timeout=5).size == 3
 
     with pytest.raises(EnvironmentFailed, match="does not exist"):
@@ -340,4 +347,5 @@ def test_spec_without_image_is_a_clear_error(aws, driver):
 def test_template_path_defaults_to_the_project_template(aws):
     driver = CloudFormationDriver(None, None, None, None)
     assert driver.template_path == TEMPLATE
+    assert driver.router_template_path == ROUTER_TEMPLATE
     assert driver.settings == CloudFormationSettings()

@@ -42,24 +42,6 @@ def published(s3, tarballs):
     return {v: artifacts.publish(s3, BUCKET, "shop", v, path)[0].to_dict() for v, path in tarballs.items()}
 
 
-@pytest.fixture
-def root(tmp_path):
-    """The environments' root; afterwards every environment in it is torn down, even when a test failed."""
-    root = tmp_path / "environments"
-    yield root
-    driver = LocalDriver(None, root=root)
-    for info in driver.list():
-        driver.teardown(info.name)
-    for process in psutil.process_iter(["cwd"]):  # belt and braces: anything still running in there
-        if (process.info["cwd"] or "").startswith(str(root)):
-            process.kill()
-
-
-@pytest.fixture
-def driver(s3, root):
-    return LocalDriver(s3, root=root)
-
-
 def make_spec(artifact: dict, key: str, size: int = 2, application: str = "shop") -> EnvironmentSpec:
     return EnvironmentSpec(application=application, stage="acceptance",
                            name=environment_name(application, "acceptance", key), size=size,

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .app import App, Config, make_server
+from .app import App, Config, ItemStore, make_server
 
 
 def _port(value: str) -> int:
@@ -56,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
-    server = make_server(args.host, args.port, App(config), access_log=not args.quiet)
+    app = App(config, store=ItemStore.with_catalogue())
+    server = make_server(args.host, args.port, app, access_log=not args.quiet)
     host, port = server.server_address[:2]
     note = ""
     if config.fail_health_after is not None:

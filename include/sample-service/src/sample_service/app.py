@@ -44,6 +44,9 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_NAME_LENGTH = 200
 MAX_QUANTITY = 1_000_000_000
 MAX_ITEMS = 100_000
+# Every server process starts with the same catalogue (ids 1..CATALOGUE_SIZE), so that reads by
+# id work behind a load balancer whatever worker answers; items created later stay per process.
+CATALOGUE_SIZE = 10
 MAX_QUOTE_LINES = 100
 
 ENV_VERSION = "SAMPLE_SERVICE_VERSION"
@@ -285,6 +288,13 @@ class ItemStore:
         self._items: dict[int, Item] = {}
         self._next_id = 1
         self._max_items = max_items
+
+    @classmethod
+    def with_catalogue(cls, size: int = CATALOGUE_SIZE) -> ItemStore:
+        store = cls()
+        for n in range(1, size + 1):
+            store.add(f"catalogue-{n}", 100)
+        return store
 
     def add(self, name: str, quantity: int) -> Item:
         with self._lock:

@@ -6,17 +6,19 @@
 Each simulated user creates one item when it starts, then loops with no think time
 (the generator measures throughput, not a human pace) over a read-heavy mix:
 
-    weight  request                              stats name
-      8     GET  /api/items/<id> (its own item)  /api/items/[id]
-      4     GET  /api/quote?items=<id>:<n>,...   /api/quote
-      2     GET  /api/items                      /api/items
-      1     POST /api/items (small body)         /api/items
-      1     GET  /version                        /version
+    weight  request                                  stats name
+      8     GET  /api/items/<id> (a catalogue item)  /api/items/[id]
+      4     GET  /api/quote?items=<id>:<n>,...       /api/quote
+      2     GET  /api/items                          /api/items
+      1     POST /api/items (small body)             /api/items
+      1     GET  /version                            /version
 
-Any non-2xx answer counts as a failure (FastHttpUser's default), including a 404 for
-an item the user created itself. POSTs are rare on purpose: the store is in memory
-and GET /api/items returns all items, so every created item makes that request a
-little bigger for the rest of the environment's life.
+Reads use the catalogue (ids 1..CATALOGUE_SIZE) that every server process starts with:
+an environment has several processes or instances behind a load balancer, each with
+its own in-memory store, so an item created through one is unknown to the others.
+Any non-2xx answer counts as a failure (FastHttpUser's default). POSTs are rare on
+purpose: GET /api/items returns all items, so every created item makes that request
+a little bigger for the rest of the environment's life.
 
 No test_ prefix: pytest must not collect this file. Importing it needs no network.
 """
@@ -25,56 +27,27 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections import deque
 
 from locust import FastHttpUser, constant, task
 
-MAX_KNOWN_ITEMS = 50  # ids remembered per user for reads and quotes
+CATALOGUE_SIZE = 10  # sample_service.app.CATALOGUE_SIZE: items every server process starts with
+
+
+def catalogue_item() -> int:
+    return random.randint(1, CATALOGUE_SIZE)
 
 
 class ServiceUser(FastHttpUser):
     wait_time = constant(0)
 
-    def on_start(self) -> None:
-        self.item_ids: deque[int] = deque(maxlen=MAX_KNOWN_ITEMS)
-        self.create_item()
-
-    def create_item(self) -> int | None:
-        payload = {"name": f"load-{uuid.uuid4().hex[:8]}", "quantity": random.randint(1, 100)}
-        with self.client.post(
-            "/api/items", json=payload, name="/api/items", catch_response=True
-        ) as response:
-            if response.status_code != 201:
-                response.failure(f"expected 201, got {response.status_code}")
-                return None
-            try:
-                item_id = response.json()["id"]
-            except (ValueError, KeyError, TypeError):
-                response.failure(f"created item has no id: {response.text[:200]!r}")
-                return None
-            if not isinstance(item_id, int):
-                response.failure(f"created item has a bad id: {item_id!r}")
-                return None
-        self.item_ids.append(item_id)
-        return item_id
-
-    def known_item(self) -> int | None:
-        """One of this user's items (creating one if it has none yet)."""
-        return random.choice(self.item_ids) if self.item_ids else self.create_item()
-
     @task(8)
     def get_item(self) -> None:
-        item_id = self.known_item()
-        if item_id is not None:
-            self.client.get(f"/api/items/{item_id}", name="/api/items/[id]")
+        self.client.get(f"/api/items/{catalogue_item()}", name="/api/items/[id]")
 
     @task(4)
     def quote(self) -> None:
-        item_id = self.known_item()
-        if item_id is None:
-            return
-        lines = {item_id, random.choice(self.item_ids)}
-        query = ",".join(f"{line}:{random.randint(1, 3)}" for line in sorted(lines))
+        lines = sorted({catalogue_item(), catalogue_item()})
+        query = ",".join(f"{line}:{random.randint(1, 3)}" for line in lines)
         self.client.get(f"/api/quote?items={query}", name="/api/quote")
 
     @task(2)
@@ -83,7 +56,12 @@ class ServiceUser(FastHttpUser):
 
     @task(1)
     def post_item(self) -> None:
-        self.create_item()
+        payload = {"name": f"load-{uuid.uuid4().hex[:8]}", "quantity": random.randint(1, 100)}
+        with self.client.post(
+            "/api/items", json=payload, name="/api/items", catch_response=True
+        ) as response:
+            if response.status_code != 201:
+                response.failure(f"expected 201, got {response.status_code}")
 
     @task(1)
     def version(self) -> None:
