@@ -78,11 +78,13 @@ def blue_green(driver: EnvironmentDriver, spec: EnvironmentSpec, settings: Produ
     router = driver.ensure_router(spec.application)
     blue = router.live
     blue_version = live_version(driver, router)
-    green = driver.green_spec(router, spec)
     logger.info("production address %s; live: %s (%s)", router.endpoint, blue or "nothing", blue_version or "-")
-    if blue == green.name:
-        logger.info("%s is already live in %s: nothing to do", spec.version, green.name)
-        return Deployed(spec.version, green.name, router.endpoint, None, None, 0, 0, 0, 0, "already_live")
+    if blue == spec.name:
+        logger.info("%s is already live in %s: nothing to do", spec.version, spec.name)
+        return Deployed(spec.version, spec.name, router.endpoint, None, None, 0, 0, 0, 0, "already_live")
+    # What an interrupted deploy left (a green, a blue not yet retired) would take the idle slot.
+    remove_idle(driver, spec.application, logger)
+    green = driver.green_spec(router, spec)
 
     try:
         info = driver.provision(green)

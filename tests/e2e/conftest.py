@@ -15,7 +15,7 @@ import pytest
 import yaml
 from deployline import embedded
 from deployline.airflow_api import AirflowApi
-from harness import APP, ARTIFACTS, BUCKET, E2E, ROOT
+from harness import APP, ARTIFACTS, BUCKET, E2E, ROOT, STRICT_APP
 from moto.server import ThreadedMotoServer
 
 # moto's request log would drown the test output.
@@ -44,7 +44,19 @@ def e2e(tmp_path_factory):
         # Approvals time out after 3 minutes, so that "no decision is a rejection" can be seen.
         config["approvals"] = {"exploratory": {"mode": "hitl", "timeout_hours": 0.05},
                                "production": {"mode": "hitl", "timeout_hours": 0.05}}
+        # Load tests short and light (the machine also runs Airflow); deploys with short drain and watch.
+        loose = {"p95_ms": 2000, "p99_ms": 5000, "max_error_rate": 0.01, "min_rps": 5}
+        config["capacity"] = {"locustfile": "tests/load/locustfile.py",
+                              "expected": {"users": 2, "spawn_rate": 2, "duration_seconds": 3, "thresholds": loose},
+                              "peak": {"users": 4, "spawn_rate": 4, "duration_seconds": 3, "thresholds": loose}}
+        config["production"] = {"drain_seconds": 1, "verify_seconds": 8, "check_interval": 0.5}
         (pipelines / f"{APP}.yaml").write_text(yaml.safe_dump(config))
+        # The same service with a throughput threshold no machine meets; triggered by hand only.
+        strict = dict(config, application=STRICT_APP, polling={"schedule": "0 0 1 1 *"},
+                      approvals={"exploratory": {"timeout_hours": 1}, "production": {"timeout_hours": 1}})
+        strict["capacity"] = dict(config["capacity"], expected={
+            "users": 2, "spawn_rate": 2, "duration_seconds": 3, "thresholds": dict(loose, min_rps=1_000_000)})
+        (pipelines / f"{STRICT_APP}.yaml").write_text(yaml.safe_dump(strict))
 
         home = root / "airflow"
         env = embedded.airflow_env(home, embedded.free_port(), endpoint, {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from deployline.sensors import pipeline_run_id
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "sample_service"
+STRICT_APP = "strict_service"  # the same repository, with a capacity threshold set too tight
 BUCKET = "deployline-e2e"
 ARTIFACTS = ROOT / "test-artifacts" / "e2e"
 CANDIDATE = "3-acceptance.record_candidate"
@@ -64,6 +66,32 @@ class E2E:
 
         return embedded.wait_until(done, timeout, f"{run_id} to finish {until}", interval=2)
 
+    def wait_for_tasks(self, run_id: str, tasks: tuple[str, ...], timeout: float = 300,
+                       states: tuple[str, ...] = FINISHED, dag_id: str = f"{APP}_pipeline") -> dict:
+        """The run, once each of ``tasks`` is in one of ``states`` (or the run has ended)."""
+
+        def done():
+            run = self.api.run(dag_id, run_id)
+            tis = self.api.task_instances(dag_id, run_id)
+            reached = all(tis.get(task, {}).get("state") in states for task in tasks)
+            return run if reached or run["state"] in ("success", "failed") else None
+
+        return embedded.wait_until(done, timeout, f"{run_id}: {tasks} to be {'/'.join(states)}", interval=2)
+
+    def approve(self, api: AirflowApi, gate: str, run_id: str, note: str, decision: str = "success") -> None:
+        """Mark the gate's ``decision`` as a person would: once it waits, and not within seconds."""
+        gate_dag = f"{APP}_approve_{gate}"
+
+        def waiting():
+            if not any(r["dag_run_id"] == run_id for r in self.api.runs(gate_dag)):
+                return None
+            ti = self.api.task_instances(gate_dag, run_id).get("decision") or {}
+            return ti if ti.get("state") in ("awaiting_input", "up_for_reschedule") else None
+
+        embedded.wait_until(waiting, 300, f"{gate} approval of {run_id} to wait", interval=2)
+        time.sleep(5)  # see test_approvals: an answer within a second of the pause meets a scheduler race
+        api.set_task_state(gate_dag, run_id, "decision", decision, note=note)
+
     def candidate_run(self, sha: str) -> tuple[dict, dict[str, str | None]]:
         """The pipeline run of ``sha`` up to its release candidate (and the stage's teardowns), and
         its task states."""
@@ -87,8 +115,14 @@ def _exists(api: AirflowApi, dag_id: str, run_id: str) -> bool:
 
 
 
-def leftovers(e2e: E2E) -> dict[str, list]:
-    """Builder instances, stacks and local environment processes still around (all should be empty)."""
+EPHEMERAL = ("acceptance", "capacity", "self_service")  # stages that tear their environments down
+
+
+def leftovers(e2e: E2E, stages: tuple[str, ...] = EPHEMERAL) -> dict[str, list]:
+    """Builder instances, stacks, and environments of ``stages`` (folders and processes) still around.
+
+    Pre-production, production and the production address are long-lived: not leftovers.
+    """
     import boto3
     import psutil
 
@@ -102,24 +136,35 @@ def leftovers(e2e: E2E) -> dict[str, list]:
     ])["Reservations"]
     stacks = [s["StackName"] for s in boto3.client("cloudformation", **kwargs).describe_stacks()["Stacks"]
               if s["StackStatus"] != "DELETE_COMPLETE"]
+    found = {name: info["stage"] for name, info in environments(e2e).items()}
     processes = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             environ = proc.environ()
             # This session's environments only (their processes inherit its AIRFLOW_HOME).
-            if "DEPLOYLINE_ENVIRONMENT" in environ and environ.get("AIRFLOW_HOME") == str(e2e.home):
+            if "DEPLOYLINE_ENVIRONMENT" in environ and environ.get("AIRFLOW_HOME") == str(e2e.home) \
+                    and found.get(environ["DEPLOYLINE_ENVIRONMENT"], environ.get("DEPLOYLINE_STAGE")) in stages:
                 processes.append((proc.pid, " ".join(proc.info["cmdline"] or [])))
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
-    envs_dir = e2e.home / "deployline" / "environments"
-    folders = sorted(p.name for p in envs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-        if envs_dir.exists() else []
     return {
         "builder_instances": [i["InstanceId"] for r in reservations for i in r["Instances"]],
         "stacks": stacks,
         "environment_processes": processes,
-        "environment_folders": folders,
+        "environment_folders": sorted(name for name, stage in found.items() if stage in stages),
     }
+
+
+def environments(e2e: E2E) -> dict[str, dict]:
+    """Every environment folder of this session (routers too): name -> its state."""
+    envs_dir = e2e.home / "deployline" / "environments"
+    found = {}
+    for state in sorted(envs_dir.glob("*/state.json")) if envs_dir.exists() else []:
+        try:
+            found[state.parent.name] = json.loads(state.read_text())
+        except ValueError:
+            found[state.parent.name] = {"stage": "unreadable"}
+    return found
 
 
 def images_of(e2e: E2E, version: str) -> dict[str, dict]:
@@ -130,3 +175,54 @@ def images_of(e2e: E2E, version: str) -> dict[str, dict]:
                        aws_access_key_id="testing", aws_secret_access_key="testing")
     found = ec2.describe_images(Owners=["self"], Filters=[{"Name": "tag:deployline:version", "Values": [version]}])
     return {next(t["Value"] for t in i["Tags"] if t["Key"] == "deployline:kind"): i for i in found["Images"]}
+
+
+class ClientLoop:
+    """A client sending requests to ``url`` one after the other, from a thread, counting the answers."""
+
+    def __init__(self, url: str, path: str = "/version"):
+        import threading
+
+        self.url, self.path = url, path
+        self.statuses: dict[int, int] = {}
+        self.errors: list[str] = []
+        self.versions: list[str] = []  # in the order they were seen, each once
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        while not self._stop.is_set():
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+            try:
+                conn.request("GET", self.path)
+                response = conn.getresponse()
+                body = response.read()
+                self.statuses[response.status] = self.statuses.get(response.status, 0) + 1
+                if response.status == 200:
+                    version = json.loads(body)["version"]
+                    if not self.versions or self.versions[-1] != version:
+                        self.versions.append(version)
+            except (OSError, http.client.HTTPException) as exc:
+                self.errors.append(repr(exc))
+            finally:
+                conn.close()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(15)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.statuses.values()) + len(self.errors)
+
+    @property
+    def failed(self) -> int:
+        return len(self.errors) + sum(n for status, n in self.statuses.items() if status != 200)
