@@ -53,17 +53,18 @@ class Repository(_Strict):
 
 
 class Polling(_Strict):
-    schedule: str = Field(default="*/5 * * * *", description="cron for <app>_commit_poll")
+    schedule: str | None = Field(
+        default="*/5 * * * *", description="cron for <app>_commit_poll; null: no polling, runs are triggered by hand")
     poke_interval: Annotated[int, Field(ge=1, le=3600)] = 30
     # How long one poll run keeps looking for a new commit before it ends as skipped.
     timeout: Annotated[int, Field(ge=0, le=86400)] = 240
 
     @field_validator("schedule")
     @classmethod
-    def _valid_cron(cls, value: str) -> str:
+    def _valid_cron(cls, value: str | None) -> str | None:
         from croniter import croniter
 
-        if not croniter.is_valid(value):
+        if value is not None and not croniter.is_valid(value):
             raise ValueError(f"not a valid cron expression: {value!r}")
         return value
 

@@ -40,7 +40,7 @@ def build_poll_dag(config: PipelineConfig) -> DAG:
         tags=["deployline", config.application],
         doc_md=DOC.format(
             app=config.application,
-            schedule=polling.schedule,
+            schedule=polling.schedule or "none (trigger it by hand)",
             branch=config.repository.branch,
             url=redact(config.repository.url),
             poke=polling.poke_interval,

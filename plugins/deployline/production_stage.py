@@ -57,8 +57,9 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
                                                      "run_id": run_id},
                                 stages={"8-production": {"result": "superseded", "finished_at": utcnow(),
                                                          "run_id": run_id}})
-                raise AirflowSkipException(f"superseded: production runs {newer}, which is newer than {version}; "
-                                           f"{version} is not deployed")
+                reason = f"superseded: production runs {newer}, newer than {version}; {version} is not deployed"
+                log.info("%s", reason)  # Airflow logs a skip without its reason
+                raise AirflowSkipException(reason)
             spec = EnvironmentSpec(
                 application=config.application, stage="production",
                 name=environment_name(config.application, "production", version), size=envs.sizes.production,

@@ -52,7 +52,7 @@ def e2e(tmp_path_factory):
         config["production"] = {"drain_seconds": 1, "verify_seconds": 8, "check_interval": 0.5}
         (pipelines / f"{APP}.yaml").write_text(yaml.safe_dump(config))
         # The same service with a throughput threshold no machine meets; triggered by hand only.
-        strict = dict(config, application=STRICT_APP, polling={"schedule": "0 0 1 1 *"},
+        strict = dict(config, application=STRICT_APP, polling={"schedule": None},
                       approvals={"exploratory": {"timeout_hours": 1}, "production": {"timeout_hours": 1}})
         strict["capacity"] = dict(config["capacity"], expected={
             "users": 2, "spawn_rate": 2, "duration_seconds": 3, "thresholds": dict(loose, min_rps=1_000_000)})

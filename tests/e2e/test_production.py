@@ -174,7 +174,7 @@ def test_an_unhealthy_release_rolls_back(e2e, approver, first_release):
     assert record["rollback"]["phase"] in ("before_switch", "after_switch")
     assert "unhealthy" in record["rollback"]["reason"] or "health" in record["rollback"]["reason"]
     assert record["stages"]["8-production"]["result"] == "failed"
-    assert not [s for s in environments(e2e).values() if s.get("version") == version]
+    assert not [s for s in environments(e2e).values() if s["stage"] == "production" and s["version"] == version]
 
 
 def test_nothing_is_left_behind(e2e):

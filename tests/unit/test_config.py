@@ -108,3 +108,35 @@ def test_self_service_defaults_must_fit_the_limits(tmp_path):
     text = VALID + "self_service: {default_ttl_hours: 100, max_ttl_hours: 72}\n"
     with pytest.raises(PipelineConfigError, match=r"self_service.default_ttl_hours \(100\) is above"):
         load_pipeline_config(write(tmp_path, text), environ={"SHOP_REPO": "x"})
+
+
+def test_stages_6_to_8_settings(tmp_path):
+    text = VALID.replace('schedule: "*/5 * * * *"', "schedule: null") + textwrap.dedent("""\
+        capacity:
+          expected: {users: 5, spawn_rate: 5, duration_seconds: 10, thresholds: {p95_ms: 100, min_rps: 20}}
+        smoke_test: {command: "make smoke BASE_URL={base_url}"}
+        production: {drain_seconds: 2}
+        """)
+    config = load_pipeline_config(write(tmp_path, text), environ={"SHOP_REPO": "x"})
+    assert config.polling.schedule is None  # triggered by hand only
+    assert config.capacity.expected.thresholds.p95_ms == 100
+    assert config.capacity.expected.thresholds.max_error_rate == 0.01  # default
+    assert config.capacity.peak.users == 40  # the default profile
+    assert (config.production.drain_seconds, config.production.verify_seconds) == (2, 60)
+    assert config.production_pool == "deployline_shop_production"
+
+
+@pytest.mark.parametrize(("block", "expected"), [
+    ("capacity: {expected: {users: 0, spawn_rate: 1, duration_seconds: 5}}",
+     "capacity.expected.users: Input should be greater than or equal to 1 (got 0)"),
+    ("capacity: {peak: {users: 5, spawn_rate: 1, duration_seconds: 5, thresholds: {max_error_rate: 2}}}",
+     "capacity.peak.thresholds.max_error_rate: Input should be less than or equal to 1 (got 2)"),
+    ("capacity: {expected: {users: 5, spawn_rate: 1, duration_seconds: 5, thresholds: {p90_ms: 5}}}",
+     "capacity.expected.thresholds.p90_ms: unknown field"),
+    ("production: {drain_seconds: -1}", "production.drain_seconds: Input should be greater than or equal to 0"),
+    ("smoke_test: {command: ''}", "smoke_test.command: String should have at least 1 character"),
+])
+def test_bad_stage_settings_are_named(tmp_path, block, expected):
+    path = write(tmp_path, VALID + block + "\n")
+    with pytest.raises(PipelineConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        load_pipeline_config(path, environ={"SHOP_REPO": "x"})
