@@ -12,6 +12,7 @@ BENCHMARKS = {
     "parse_time": ["parse_time.py", "--counts", "1,50", "--repeat", "5"],
     "commit_to_artifact": ["commit_to_artifact.py", "--commits", "3"],
     "ami_sensor_latency": ["ami_sensor_latency.py", "--samples", "5"],
+    "capacity_and_switch": ["capacity_and_switch.py"],
 }
 
 

@@ -18,3 +18,17 @@ def test_parse_benchmark_runs():
     assert [r["pipelines"] for r in results] == [2]
     assert results[0]["dags"] > 2
     assert results[0]["import_and_parse_s"] > 0
+
+
+def test_capacity_and_switch_benchmark_runs():
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "capacity_and_switch.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["capacity_size_2"]["expected"]["requests"] > 0
+    assert result["locust_ceiling"]["requests"] > 0
+    assert result["blue_green"]["switches"] == 1 and result["blue_green"]["requests"] > 0
