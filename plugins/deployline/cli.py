@@ -31,7 +31,7 @@ Push a change and watch a new run start within a minute:
   cd {clone}
   echo "# change" >> README.md && git commit -am "Try the pipeline" && git push
 
-Ctrl-C stops everything this command started.
+Ctrl-C stops everything this command started, environments and the production address too.
 """
 
 
@@ -46,6 +46,7 @@ def demo(args: argparse.Namespace) -> int:
 
     # moto keeps AWS in memory only, so the Airflow database starts afresh with it;
     # the demo repository and your clone are kept.
+    embedded.stop_environments(home)  # left by a demo that was killed
     shutil.rmtree(home, ignore_errors=True)
     stack = embedded.Stack()
 
@@ -82,7 +83,8 @@ def demo(args: argparse.Namespace) -> int:
         return 1
     finally:
         stack.stop()
-        print("stopped: moto and airflow are down.", flush=True)
+        removed = embedded.stop_environments(home)
+        print(f"stopped: moto and airflow are down; {len(removed)} environment(s) removed.", flush=True)
 
 
 def _follow_first_run(base: str, password: str, head: str) -> int:

@@ -156,6 +156,22 @@ def airflow_env(
     return env
 
 
+def stop_environments(home: Path) -> list[str]:
+    """Tear down every local environment and production address under ``home`` (an AIRFLOW_HOME).
+
+    Their processes outlive Airflow on purpose; when the embedded stack stops, they go too.
+    """
+    from deployline.environments.local import LocalDriver
+
+    root = home / "deployline" / "environments"
+    driver = LocalDriver(None, root=root)
+    removed = []
+    for state in sorted(root.glob("*/state.json")):
+        if driver.teardown(state.parent.name):
+            removed.append(state.parent.name)
+    return removed
+
+
 @dataclass
 class Stack:
     """Processes of one embedded stack; ``stop()`` ends each of them and their children."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 
-from airflow.sdk import TaskGroup, get_current_context, task
+from airflow.sdk import TaskGroup, chain, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from deployline import aws, notifications
@@ -22,8 +22,9 @@ DOC = """\
 ### 8-production: approval, then blue/green
 
 `request_approval` asks `{app}_approve_production`; `await_approval` waits (deferred) for
-a person with the `{role}` role. Then `deploy`, which holds the one-slot pool `{pool}` so
-two production deploys never overlap:
+a person with the `{role}` role. `ensure_production_address` (setup) makes sure the
+application's stable production address exists. Then `deploy`, which holds the one-slot
+pool `{pool}` so two production deploys never overlap:
 
 1. A version older than the live one is **skipped as superseded** (the log says which).
 2. The new version (green) starts at production size ({size}) next to the live one (blue),
@@ -91,13 +92,22 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
                      deployed.switch_seconds, deployed.previous_version)
             return details
 
+        @task(task_id="ensure_production_address", pool=config.production_pool, retries=2)
+        def ensure_production_address() -> dict:
+            router = aws.environment_driver(config).ensure_router(config.application)
+            log.info("production address of %s: %s (live: %s)", config.application, router.endpoint,
+                     router.live or "nothing yet")
+            return router.to_dict()
+
         @task(task_id="clean_up_environments", pool=config.production_pool)
         def clean_up_environments() -> list[str]:
             removed = remove_idle(aws.environment_driver(config), config.application, logger=log)
             log.info("removed %d idle production environment(s): %s", len(removed), ", ".join(removed) or "none")
             return removed
 
+        # The address is the setup: the clean-up (teardown) runs even when the deploy fails or is killed.
+        address = ensure_production_address()
         deployed = deploy(candidate, commit)
-        approved >> deployed
-        deployed >> clean_up_environments().as_teardown(setups=deployed)
+        chain(approved, address, deployed)
+        deployed >> clean_up_environments().as_teardown(setups=address)
     return group

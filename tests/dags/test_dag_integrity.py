@@ -168,8 +168,13 @@ def test_production_asks_then_deploys_in_a_one_slot_pool(parsed):
     assert tasks["8-production.request_approval"]["type"] == "TriggerDagRunOperator"
     wait = tasks["8-production.await_approval"]
     assert wait["type"] == "ExternalTaskSensor" and wait["deferrable"]
+    address = tasks["8-production.ensure_production_address"]
+    assert address["upstream"] == ["8-production.await_approval"] and address["is_setup"]
     deploy = tasks["8-production.deploy"]
-    assert "8-production.await_approval" in deploy["upstream"] and deploy["is_setup"]
-    assert deploy["pool"] == "deployline_sample_service_production"
+    assert "8-production.ensure_production_address" in deploy["upstream"]
+    assert deploy["pool"] == address["pool"] == "deployline_sample_service_production"
     clean_up = tasks["8-production.clean_up_environments"]
+    # A teardown of the address, not of the deploy: it runs when the deploy failed or was killed.
     assert clean_up["is_teardown"] and clean_up["pool"] == deploy["pool"]
+    assert clean_up["trigger_rule"] == "all_done_setup_success"
+    assert set(clean_up["upstream"]) == {"8-production.deploy", "8-production.ensure_production_address"}

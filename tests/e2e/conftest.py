@@ -74,6 +74,7 @@ def e2e(tmp_path_factory):
         yield session
     finally:
         stack.stop()
+        embedded.stop_environments(root / "airflow")  # pre-production, production, its address
         moto.stop()
         logs = root / "airflow" / "logs"
         if logs.exists():

@@ -146,7 +146,7 @@ def parse_settings(text: str | bytes, source: str = "settings") -> Settings:
     - ``fail_health_stages``: list of stage names (``$DEPLOYLINE_STAGE``) the switch is
       limited to; empty or absent = every stage.
 
-    build.py validates the project's settings.json with a copy of these rules.
+    build.py validates the project's settings.json with this function.
     """
     try:
         data = json.loads(
