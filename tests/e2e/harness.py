@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployline import embedded
-from deployline.airflow_api import AirflowApi
+from deployline.airflow_api import AirflowApi, AirflowApiError
 from deployline.sensors import pipeline_run_id
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +42,19 @@ class E2E:
             embedded.git("commit", "--quiet", "-m", message if commits == 1 else f"{message} ({n + 1})", cwd=self.clone)
             shas.append(embedded.git("rev-parse", "HEAD", cwd=self.clone))
         embedded.git("push", "--quiet", "origin", "HEAD:main", cwd=self.clone)
+        self.poll_now(shas[-1])
         return shas
+
+    def poll_now(self, sha: str) -> None:
+        """What a push webhook does: start a poll now instead of at the next cron minute.
+
+        With one poll at a time, it waits behind a poll that is still looking (and finds nothing).
+        """
+        try:
+            self.api.trigger(f"{APP}_commit_poll", run_id=f"push__{sha[:10]}")
+        except AirflowApiError as exc:  # that poll exists already
+            if "409" not in str(exc):
+                raise
 
     def revision(self, sha: str) -> int:
         return int(embedded.git("rev-list", "--count", "--first-parent", sha, cwd=self.clone))
