@@ -44,10 +44,26 @@ def inbox(e2e):
     return read
 
 
-def waiting_candidate(e2e, note: str) -> str:
-    """Push an application change; return the run id once its approval is being waited for."""
-    app = e2e.clone / "src/sample_service/app.py"
-    (sha,) = e2e.push({"src/sample_service/app.py": app.read_text() + f"# {note}\n"}, note)
+NOTES = {"unattended": "Nobody looks at this one", "approve": "Approve me", "reject": "Reject me",
+         "button": "Approve me with the button"}
+
+
+@pytest.fixture(scope="module")
+def candidates(e2e, inbox) -> dict[str, str]:
+    """One application change per test, pushed one after the other: their runs overlap.
+
+    After ``inbox``: its queue is subscribed before any of them asks for approval."""
+    shas = {}
+    for key, note in NOTES.items():
+        app = e2e.clone / "src/sample_service/app.py"
+        (sha,) = e2e.push({"src/sample_service/app.py": app.read_text() + f"# {note}\n"}, note)
+        e2e.pipeline_run(sha, until=("resolve_commit",))  # its own run exists before the next push
+        shas[key] = sha
+    return shas
+
+
+def waiting_candidate(e2e, sha: str) -> str:
+    """The run id of ``sha`` once its release candidate's approval is being waited for."""
     run, states = e2e.candidate_run(sha)
     assert states[CANDIDATE] == "success", states
     run_id = pipeline_run_id(sha)
@@ -71,9 +87,9 @@ def approvals(e2e, run_id) -> dict:
 
 
 @pytest.fixture(scope="module")
-def unattended(e2e):
+def unattended(e2e, candidates):
     """A candidate nobody decides on: its approval times out while the other tests run."""
-    return waiting_candidate(e2e, "Nobody looks at this one")
+    return waiting_candidate(e2e, candidates["unattended"])
 
 
 def test_waiting_for_approval_uses_no_worker_slot(e2e, unattended):
@@ -88,8 +104,8 @@ def test_waiting_for_approval_uses_no_worker_slot(e2e, unattended):
     assert pool["deferred_slots"] >= 1 and pool["running_slots"] <= 1  # at most the poll's own poke
 
 
-def test_approve_by_marking_the_decision_successful(e2e, approver, inbox):
-    run_id = waiting_candidate(e2e, "Approve me")
+def test_approve_by_marking_the_decision_successful(e2e, approver, inbox, candidates):
+    run_id = waiting_candidate(e2e, candidates["approve"])
     approver.set_task_state(GATE, run_id, "decision", "success", note="Tried it in my environment: fine")
     # The release goes on (capacity, pre-production, then production approval, which nobody gives).
     run = e2e.wait_for_tasks(run_id, (AWAIT, "6-capacity.record_capacity"))
@@ -104,8 +120,8 @@ def test_approve_by_marking_the_decision_successful(e2e, approver, inbox):
     assert any(s and s.endswith("exploratory approved") for s in subjects), subjects
 
 
-def test_reject_by_marking_the_decision_failed_stops_the_release(e2e, approver):
-    run_id = waiting_candidate(e2e, "Reject me")
+def test_reject_by_marking_the_decision_failed_stops_the_release(e2e, approver, candidates):
+    run_id = waiting_candidate(e2e, candidates["reject"])
     approver.set_task_state(GATE, run_id, "decision", "failed", note="Search is broken")
     run = e2e.api.wait_for_run(PIPELINE, run_id, timeout=180)
     assert run["state"] == "failed"
@@ -116,11 +132,12 @@ def test_reject_by_marking_the_decision_failed_stops_the_release(e2e, approver):
     assert e2e.record(version)["stages"]["5-exploratory"]["result"] == "failed"
 
 
-def test_approve_with_the_required_action_button(e2e, approver):
-    run_id = waiting_candidate(e2e, "Approve me with the button")
-    # A person takes longer than this: an answer within about a second of the task pausing
-    # meets an Airflow 3.3 scheduler race (the pause's late executor event fails the resumed task).
-    time.sleep(5)
+def test_approve_with_the_required_action_button(e2e, approver, candidates):
+    run_id = waiting_candidate(e2e, candidates["button"])
+    # A person takes longer than this. An answer that comes before the scheduler has processed
+    # the executor's event for the pause meets an Airflow 3.3 race (the late event fails the resumed
+    # task); on this loaded 2-core machine that event has come up to 6 s after the pause.
+    time.sleep(15)
     approver.request("PATCH", f"/dags/{GATE}/dagRuns/{run_id}/taskInstances/decision/-1/hitlDetails",
                      json={"chosen_options": ["Approve"], "params_input": {"comment": "Ship it"}})
     run = e2e.wait_for_tasks(run_id, (AWAIT,))

@@ -123,16 +123,29 @@ def test_a_missed_capacity_threshold_stops_the_release(e2e, approver, strict_run
     assert "throughput_rps" in record["stages"]["6-capacity"]["error"]
 
 
-def test_a_blue_green_switch_drops_no_request(e2e, approver, first_release):
+@pytest.fixture(scope="module")
+def two_releases(e2e, approver, first_release):
+    """Two newer commits waiting for production approval; the newer is released first, with a
+    client on the production address throughout, then the older is approved too."""
     before = production(e2e)
-    sha = push_change(e2e, "Second release")
-    run_id = to_production_approval(e2e, approver, sha)
+    older = push_change(e2e, "Older release")
+    e2e.pipeline_run(older, until=("resolve_commit",))  # its own run, before the next push
+    newer = push_change(e2e, "Newer release")
+    older_run, newer_run = (to_production_approval(e2e, approver, sha) for sha in (older, newer))
     with ClientLoop(before["endpoint"]) as loop:
-        e2e.approve(approver, "production", run_id, "Next one")
-        run = e2e.api.wait_for_run(PIPELINE, run_id, timeout=300)
+        e2e.approve(approver, "production", newer_run, "Next one")
+        newer_done = e2e.api.wait_for_run(PIPELINE, newer_run, timeout=300)
         time.sleep(1)
+    e2e.approve(approver, "production", older_run, "Late approval")
+    older_done = e2e.api.wait_for_run(PIPELINE, older_run, timeout=300)
+    return {"before": before, "loop": loop, "older": older, "newer": newer, "older_run": older_done,
+            "newer_run": newer_done}
+
+
+def test_a_blue_green_switch_drops_no_request(e2e, two_releases):
+    run, before, loop = two_releases["newer_run"], two_releases["before"], two_releases["loop"]
     assert run["state"] == "success", e2e.task_states(run)
-    version = e2e.version(sha)
+    version = e2e.version(two_releases["newer"])
     assert loop.failed == 0, (loop.statuses, loop.errors[:5])
     assert loop.versions == [before["version"], version] and loop.requests > 100
     record = e2e.record(version)
@@ -142,20 +155,14 @@ def test_a_blue_green_switch_drops_no_request(e2e, approver, first_release):
     assert [s["version"] for s in live] == [version]  # blue is gone after its drain
 
 
-def test_an_older_release_is_skipped_as_superseded(e2e, approver, first_release):
-    older = push_change(e2e, "Older release")
-    e2e.pipeline_run(older, until=("resolve_commit",))
-    newer = push_change(e2e, "Newer release")
-    older_run = to_production_approval(e2e, approver, older)
-    assert release(e2e, approver, newer)["state"] == "success"
-    e2e.approve(approver, "production", older_run, "Late approval")
-    run = e2e.api.wait_for_run(PIPELINE, older_run, timeout=300)
-    states = e2e.task_states(run)
+def test_an_older_release_is_skipped_as_superseded(e2e, two_releases):
+    states = e2e.task_states(two_releases["older_run"])
     assert states[DEPLOY] == "skipped", states
-    assert production(e2e)["version"] == e2e.version(newer) == serving(production(e2e)["endpoint"])
-    record = e2e.record(e2e.version(older))
+    newer = e2e.version(two_releases["newer"])
+    assert production(e2e)["version"] == newer == serving(production(e2e)["endpoint"])
+    record = e2e.record(e2e.version(two_releases["older"]))
     assert record["production"]["result"] == "superseded"
-    assert record["production"]["live_version"] == e2e.version(newer)
+    assert record["production"]["live_version"] == newer
 
 
 def test_an_unhealthy_release_rolls_back(e2e, approver, first_release):
