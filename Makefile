@@ -17,7 +17,7 @@ $(STAMP): requirements.txt
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m deployline demo $(if $(HEADLESS),--headless)
+	$(PY) -m deployline demo $(if $(HEADLESS),--headless) $(if $(AUTO_APPROVE),--auto-approve)
 
 test: $(STAMP)
 	$(PY) -m pytest

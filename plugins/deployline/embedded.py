@@ -120,7 +120,7 @@ def prepare_users(home: Path) -> dict[str, str]:
 
 
 def airflow_env(
-    home: Path, api_port: int, moto_endpoint: str, extra: dict[str, str] | None = None
+    home: Path, api_port: int, moto_endpoint: str, extra: dict[str, str] | None = None, paused: bool = False
 ) -> dict[str, str]:
     """Environment for ``airflow standalone`` on this project (see docs/PERFORMANCE.md for the tuning)."""
     venv_bin = str(Path(sys.executable).parent)
@@ -133,7 +133,7 @@ def airflow_env(
         "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": str(paused),
         "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{api_port}/execution/",

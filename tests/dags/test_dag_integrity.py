@@ -178,3 +178,13 @@ def test_production_asks_then_deploys_in_a_one_slot_pool(parsed):
     assert clean_up["is_teardown"] and clean_up["pool"] == deploy["pool"]
     assert clean_up["trigger_rule"] == "all_done_setup_success"
     assert set(clean_up["upstream"]) == {"8-production.deploy", "8-production.ensure_production_address"}
+
+
+def test_support_infrastructure_dag(parsed):
+    dag = parsed["dags"]["support_infrastructure"]
+    assert dag["schedule"] is None and dag["doc_md"] and dag["max_active_runs"] == 1
+    assert dag["params"] == ["action", "components", "force"]
+    tasks = dag["tasks"]
+    assert tasks["choose_action"]["upstream"] == ["plan"]
+    for name in ("launch", "destroy", "report_status"):
+        assert tasks[name]["upstream"] == ["choose_action", "plan"]
