@@ -42,7 +42,14 @@ class AirflowApi:
         self.session.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
 
     def request(self, method: str, path: str, **kwargs) -> dict:
-        response = self.session.request(method, f"{self.base}/api/v2{path}", timeout=self.timeout, **kwargs)
+        for attempt in range(4):
+            response = self.session.request(method, f"{self.base}/api/v2{path}", timeout=self.timeout, **kwargs)
+            # SQLite (the one-machine default) answers 500 "Database error" when its lock times out
+            # under load; reading and setting a state can safely be asked again.
+            retry = response.status_code == 500 and "Database error" in response.text and method in ("GET", "PATCH")
+            if not retry or attempt == 3:
+                break
+            time.sleep(1 + attempt)
         if not response.ok:
             raise AirflowApiError(f"{method} {path}: {response.status_code} {response.text[:500]}")
         return response.json() if response.content else {}

@@ -64,7 +64,9 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
         schedule=None,
         start_date=START_DATE,
         catchup=False,
-        max_active_runs=4,
+        # A run waiting for an approval is active for days but holds no worker slot (deferred):
+        # a small limit would stop new commits from starting. Work is bounded by pools instead.
+        max_active_runs=32,
         default_args=default_args(on_failure_callback=[_failure_recorder(config), PipelineFailureNotifier(config)]),
         tags=["deployline", config.application],
         doc_md=DOC.format(

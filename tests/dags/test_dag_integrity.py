@@ -55,6 +55,7 @@ def test_poll_dag_shape(parsed):
 def test_pipeline_dag_shape_follows_the_design(parsed):
     dag = parsed["dags"]["sample_service_pipeline"]
     assert dag["schedule"] is None and dag["doc_md"] and dag["params"] == ["commit"]
+    assert dag["max_active_runs"] >= 16  # runs waiting (deferred) for approvals must not hold back new commits
     # every stage explains itself in the UI
     assert dag["groups"] == {"1-baking": True, "2-commit": True, "3-acceptance": True, "5-exploratory": True,
                              "6-capacity": True, "7-pre-production": True, "8-production": True}
