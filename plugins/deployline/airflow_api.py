@@ -41,12 +41,15 @@ class AirflowApi:
             raise AirflowApiError(f"login as {username!r} failed: {response.status_code} {response.text[:200]}")
         self.session.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
 
-    def request(self, method: str, path: str, **kwargs) -> dict:
+    def request(self, method: str, path: str, idempotent: bool | None = None, **kwargs) -> dict:
+        """``idempotent``: may be sent again (default: every method but POST)."""
+        if idempotent is None:
+            idempotent = method != "POST"
         for attempt in range(4):
             response = self.session.request(method, f"{self.base}/api/v2{path}", timeout=self.timeout, **kwargs)
             # SQLite (the one-machine default) answers 500 "Database error" when its lock times out
-            # under load; reading and setting a state can safely be asked again.
-            retry = response.status_code == 500 and "Database error" in response.text and method in ("GET", "PATCH")
+            # under load; a request that does the same thing twice can be sent again.
+            retry = response.status_code == 500 and "Database error" in response.text and idempotent
             if not retry or attempt == 3:
                 break
             time.sleep(1 + attempt)
@@ -67,7 +70,8 @@ class AirflowApi:
         body = {"logical_date": None, "conf": conf or {}}
         if run_id:
             body["dag_run_id"] = run_id
-        return self.request("POST", f"/dags/{dag_id}/dagRuns", json=body)
+        # With a run id, sending it again cannot make a second run: at worst it answers 409.
+        return self.request("POST", f"/dags/{dag_id}/dagRuns", idempotent=bool(run_id), json=body)
 
     def set_paused(self, dag_id: str, paused: bool) -> dict:
         return self.request("PATCH", f"/dags/{dag_id}", json={"is_paused": paused})
