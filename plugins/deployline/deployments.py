@@ -37,6 +37,10 @@ class RolledBack(RuntimeError):
                 "restored_version": self.restored, "at": utcnow()}
 
 
+class Unhealthy(RuntimeError):
+    """Green stopped answering its health check after the switch."""
+
+
 @dataclass
 class Deployed:
     version: str
@@ -122,10 +126,6 @@ def blue_green(driver: EnvironmentDriver, spec: EnvironmentSpec, settings: Produ
         _remove(driver, blue, logger)
     return Deployed(spec.version, green.name, router.endpoint, blue_version, blue, round(switch_seconds, 3),
                     round(verified, 3), drained, round(time.monotonic() - started, 3))
-
-
-class Unhealthy(RuntimeError):
-    pass
 
 
 def _watch(driver: EnvironmentDriver, name: str, health_path: str, settings: Production, logger) -> float:
