@@ -12,9 +12,18 @@ comparison, and the short sha keeps every version traceable to its commit.
 from __future__ import annotations
 
 import json
+import random
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+
+from botocore.exceptions import ClientError
+
+WRITE_ATTEMPTS = 20
+# A conditional write that lost: the object changed (412), or another conditional write to it is
+# in flight (409), or it was created since we found none.
+CONFLICTS = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412", "409"})
 
 _VERSION = re.compile(r"^r(?P<revision>\d+)-(?P<short>[0-9a-f]{7,40})$")
 
@@ -58,31 +67,57 @@ class ReleaseRegistry:
         return f"{self.prefix}{version}.json"
 
     def get(self, version: str) -> dict | None:
-        try:
-            body = self.s3_client.get_object(Bucket=self.bucket, Key=self.key(version))["Body"].read()
-        except self.s3_client.exceptions.NoSuchKey:
-            return None
-        return json.loads(body)
+        return self._read(self.key(version))[0]
 
     def put(self, record: dict) -> dict:
         record = dict(record, updated_at=utcnow())
-        self.s3_client.put_object(
-            Bucket=self.bucket,
-            Key=self.key(record["version"]),
-            Body=json.dumps(record, indent=2, sort_keys=True).encode(),
-            ContentType="application/json",
-        )
+        self._write(self.key(record["version"]), record)
         return record
 
     def update(self, version: str, **fields) -> dict:
-        """Merge ``fields`` into the record (creating it); dict values merge one level deep."""
-        record = self.get(version) or {"version": version, "application": self.application}
-        for name, value in fields.items():
-            if isinstance(value, dict) and isinstance(record.get(name), dict):
-                record[name] = {**record[name], **value}
-            else:
-                record[name] = value
-        return self.put(record)
+        """Merge ``fields`` into the record (creating it); dict values merge one level deep.
+
+        Stages running side by side update the same record: each write is conditional on the
+        version read (S3 conditional writes), and a lost race reads and merges again.
+        """
+
+        def merged(record: dict | None) -> dict:
+            record = record or {"version": version, "application": self.application}
+            for name, value in fields.items():
+                if isinstance(value, dict) and isinstance(record.get(name), dict):
+                    record[name] = {**record[name], **value}
+                else:
+                    record[name] = value
+            return dict(record, updated_at=utcnow())
+
+        return self._read_modify_write(self.key(version), merged)
+
+    def _read(self, key: str) -> tuple[dict | None, str | None]:
+        """The JSON object at ``key`` and its ETag, or (None, None)."""
+        try:
+            response = self.s3_client.get_object(Bucket=self.bucket, Key=key)
+        except self.s3_client.exceptions.NoSuchKey:
+            return None, None
+        return json.loads(response["Body"].read()), response["ETag"]
+
+    def _write(self, key: str, data: dict, **condition) -> None:
+        self.s3_client.put_object(Bucket=self.bucket, Key=key, ContentType="application/json",
+                                  Body=json.dumps(data, indent=2, sort_keys=True).encode(), **condition)
+
+    def _read_modify_write(self, key: str, change) -> dict:
+        for attempt in range(WRITE_ATTEMPTS):
+            current, etag = self._read(key)
+            data = change(current)
+            try:
+                self._write(key, data, **({"IfMatch": etag} if etag else {"IfNoneMatch": "*"}))
+                return data
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code not in CONFLICTS:
+                    raise
+            time.sleep(random.uniform(0.05, 0.2 * (attempt + 1)))  # another writer won: read again
+        raise RuntimeError(f"s3://{self.bucket}/{key}: still changed by other writers after "
+                           f"{WRITE_ATTEMPTS} attempts")
 
     # ------------------------------------------------------------------ what runs in production
 
@@ -92,23 +127,18 @@ class ReleaseRegistry:
 
     def production(self) -> dict | None:
         """``{"version", "environment", "endpoint", "deployed_at", "run_id", "history": [...]}`` or None."""
-        try:
-            body = self.s3_client.get_object(Bucket=self.bucket, Key=self.production_key)["Body"].read()
-        except self.s3_client.exceptions.NoSuchKey:
-            return None
-        return json.loads(body)
+        return self._read(self.production_key)[0]
 
     def set_production(self, version: str, **details) -> dict:
         """Record ``version`` as live; the previous entries stay in ``history`` (newest first, 100 kept)."""
         revision_of(version)
-        current = self.production()
-        history = ([{k: v for k, v in current.items() if k != "history"}] + current.get("history", [])
-                   if current else [])
-        entry = {"version": version, **details, "deployed_at": utcnow(), "history": history[:100]}
-        self.s3_client.put_object(Bucket=self.bucket, Key=self.production_key,
-                                  Body=json.dumps(entry, indent=2, sort_keys=True).encode(),
-                                  ContentType="application/json")
-        return entry
+
+        def live(current: dict | None) -> dict:
+            history = ([{k: v for k, v in current.items() if k != "history"}] + current.get("history", [])
+                       if current else [])
+            return {"version": version, **details, "deployed_at": utcnow(), "history": history[:100]}
+
+        return self._read_modify_write(self.production_key, live)
 
     def versions(self) -> list[str]:
         """Every recorded version, oldest first."""

@@ -67,3 +67,25 @@ def test_distribution_glob_must_match_one_file(tmp_path):
     (tmp_path / "dist" / "b.whl").write_text("b")
     with pytest.raises(artifacts.ArtifactError, match="matched 2 files, expected one: dist/a.whl, dist/b.whl"):
         artifacts.find_distribution(tmp_path, "dist/*.whl")
+
+
+def test_stages_updating_one_record_at_once_lose_nothing(s3):
+    """1-baking and 2-commit finish together and both update the record: no field may be lost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    registry = ReleaseRegistry(s3, BUCKET, "shop")
+    fields = [{f"field_{n}": n, "stages": {f"stage-{n}": {"result": "success"}}} for n in range(12)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(lambda f: registry.update("r1-abcdef0", **f), fields))
+    record = registry.get("r1-abcdef0")
+    assert {f"field_{n}" for n in range(12)} <= set(record)
+    assert set(record["stages"]) == {f"stage-{n}" for n in range(12)}
+
+
+def test_production_pointer_keeps_history(s3):
+    registry = ReleaseRegistry(s3, BUCKET, "shop")
+    assert registry.production() is None
+    registry.set_production("r1-abcdef0", endpoint="http://a")
+    live = registry.set_production("r2-bcdef01", endpoint="http://a")
+    assert live["version"] == "r2-bcdef01" and [h["version"] for h in live["history"]] == ["r1-abcdef0"]
+    assert registry.production()["version"] == "r2-bcdef01"
