@@ -48,6 +48,7 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from deployline.config import PROJECT_ROOT, PipelineConfigError, _Strict, expand_vars
 from deployline.config import _describe as _describe_error
+from deployline.environments.cloudformation import describe_stack
 
 COMPONENTS = ("network", "artifact_store", "notifications", "ci_environment")
 DEPENDENCIES: dict[str, tuple[str, ...]] = {"ci_environment": ("network",)}
@@ -668,15 +669,7 @@ def status(clients: Clients, config: InfrastructureConfig, components: str | Ite
 
 
 def _describe(clients: Clients, name: str) -> dict | None:
-    try:
-        stacks = clients.cfn.describe_stacks(StackName=name)["Stacks"]
-    except ClientError as exc:
-        if "does not exist" in str(exc):
-            return None
-        raise
-    if not stacks or stacks[0]["StackStatus"] == "DELETE_COMPLETE":
-        return None
-    return stacks[0]
+    return describe_stack(clients.cfn, name)
 
 
 def _outputs(stack: dict) -> dict[str, str]:

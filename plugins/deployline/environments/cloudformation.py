@@ -58,6 +58,19 @@ HEALTHY_TARGET_STATES = frozenset({"healthy"})
 _READY = frozenset({"CREATE_COMPLETE", "UPDATE_COMPLETE", "UPDATE_ROLLBACK_COMPLETE"})
 
 
+def describe_stack(cfn, name: str) -> dict | None:
+    """The stack called ``name``, or None when it does not exist (or is deleted)."""
+    try:
+        stacks = cfn.describe_stacks(StackName=name)["Stacks"]
+    except ClientError as exc:
+        if "does not exist" in str(exc):
+            return None
+        raise
+    if not stacks or stacks[0]["StackStatus"] == "DELETE_COMPLETE":
+        return None
+    return stacks[0]
+
+
 class CloudFormationDriver(EnvironmentDriver):
     name = "cloudformation"
 
@@ -468,15 +481,7 @@ class CloudFormationDriver(EnvironmentDriver):
         return info, self._health_problem(info)
 
     def _describe(self, name: str) -> dict | None:
-        try:
-            stacks = self.cfn.describe_stacks(StackName=name)["Stacks"]
-        except ClientError as exc:
-            if "does not exist" in str(exc):
-                return None
-            raise
-        if not stacks or stacks[0]["StackStatus"] == "DELETE_COMPLETE":
-            return None
-        return stacks[0]
+        return describe_stack(self.cfn, name)
 
     def _delete(self, name: str) -> None:
         self.cfn.delete_stack(StackName=name)
