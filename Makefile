@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 export PYTHONPATH := $(CURDIR)/plugins
 
-.PHONY: demo test test-unit test-e2e bench venv clean
+CHROMIUM := /usr/bin/chromium
+.PHONY: demo test test-unit test-e2e bench venv browser clean
 
 venv: $(STAMP)
 
@@ -19,13 +20,20 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	$(PY) -m deployline demo $(if $(HEADLESS),--headless) $(if $(AUTO_APPROVE),--auto-approve)
 
-test: $(STAMP)
+# Debian's Chromium, for the end-to-end tests that render the UI plugin's pages (root can install it).
+browser:
+	@test -x $(CHROMIUM) || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "no $(CHROMIUM): the browser tests will be skipped (apt-get install chromium)"; fi; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit tests/dags
 
-test-e2e: $(STAMP)
+test-e2e: $(STAMP) browser
 	$(PY) -m pytest tests/e2e
 
 bench: $(STAMP)

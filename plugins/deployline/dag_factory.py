@@ -22,9 +22,10 @@ def build_pipeline_dags(namespace: dict) -> list[str]:
     for error in errors:
         log.warning("skipping pipeline config: %s", error)
     from deployline.approvals import GATES, build_gate_dag
+    from deployline.delivery_metrics import build_delivery_metrics_dag
     from deployline.self_service import build_reaper_dag, build_self_service_dag
 
-    dags = [build_reaper_dag(configs)]
+    dags = [build_reaper_dag(configs), build_delivery_metrics_dag(configs)]
     for config in configs:
         dags += [build_poll_dag(config), build_pipeline_dag(config), build_self_service_dag(config)]
         dags += [build_gate_dag(config, gate) for gate in GATES]

@@ -146,9 +146,33 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
         judged = [exploratory_stage(config, commit, candidate), capacity_stage(config, commit, candidate.output)]
         preproduction = preproduction_stage(config, commit, candidate.output)
         smoke_tested = preproduction.children["7-pre-production.smoke_test"]
-        chain(commit, branch, built, acceptance, judged, preproduction,
-              production_stage(config, commit, candidate.output, after=smoke_tested))
+        production = production_stage(config, commit, candidate.output, after=smoke_tested)
+        chain(commit, branch, built, acceptance, judged, preproduction, production)
+        for group in [*built, acceptance, *judged, preproduction, production]:
+            _record_start(config, group)
     return dag
+
+
+def _record_start(config: PipelineConfig, group) -> None:
+    """The first task(s) of a stage write its start to the release record, for stage durations."""
+    tasks = list(group)
+    inside = {t.task_id for t in tasks}
+    callback = _start_recorder(config, group.group_id)
+    for first in (t for t in tasks if not (t.upstream_task_ids & inside) and not t.is_teardown):
+        first.on_execute_callback = [*(first.on_execute_callback or []), callback]
+
+
+def _start_recorder(config: PipelineConfig, stage: str):
+    def record_start(context) -> None:
+        commit = context["ti"].xcom_pull(task_ids="resolve_commit")
+        if not commit:
+            return
+        try:
+            ReleaseRegistry.for_config(config).stage_started(commit["version"], stage, context["run_id"])
+        except Exception:  # a missing start time must not fail the stage itself
+            log.exception("could not record the start of %s", stage)
+
+    return record_start
 
 
 def _failure_recorder(config: PipelineConfig):

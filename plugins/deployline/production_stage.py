@@ -72,18 +72,25 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
                 return run_repository_test(config, config.smoke_test, "smoke_test", commit, url,
                                            candidate["artifact_version"], f"{run_id}-production-{next(attempt)}")
 
+            started_at = utcnow()
             try:
                 deployed = blue_green(driver, spec, config.production, health_path=envs.health_path,
                                       health_timeout=envs.health_timeout, smoke=smoke, logger=log)
             except RolledBack as exc:
-                registry.update(version, rollback=exc.to_dict(),
-                                production={"result": "rolled_back", "at": utcnow(), "run_id": run_id})
+                rollback = exc.to_dict()
+                registry.add_deployment(
+                    version, {"result": "rolled_back", "started_at": started_at, "at": rollback["at"], "run_id": run_id,
+                              "phase": rollback["phase"], "restored_version": rollback["restored_version"]},
+                    rollback=rollback, production={"result": "rolled_back", "at": rollback["at"], "run_id": run_id})
                 notifications.publish(config, f"{config.application} {version}: rolled back", str(exc))
                 raise
             details = deployed.to_dict() | {"run_id": run_id, "at": utcnow()}
             if deployed.result == "deployed":
                 registry.set_production(version, environment=deployed.environment, endpoint=deployed.endpoint,
                                         run_id=run_id, previous_version=deployed.previous_version)
+                registry.add_deployment(version, {
+                    "result": "deployed", "started_at": started_at, "at": details["at"], "run_id": run_id,
+                    "previous_version": deployed.previous_version, "switch_seconds": deployed.switch_seconds})
             registry.update(version, production=details, stages={"8-production": {
                 "result": "success", "finished_at": utcnow(), "run_id": run_id}})
             notifications.publish(config, f"{config.application} {version} is live",

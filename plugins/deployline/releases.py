@@ -43,6 +43,13 @@ def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _keep_start(old: dict | None, new: dict) -> dict:
+    """A stage's result keeps the start time of the same run's attempt."""
+    if old and old.get("started_at") and "started_at" not in new and old.get("run_id") == new.get("run_id"):
+        return {"started_at": old["started_at"], **new}
+    return new
+
+
 @dataclass
 class ReleaseRegistry:
     """Read and write release records through an ``S3Hook`` (or anything with its client)."""
@@ -78,12 +85,16 @@ class ReleaseRegistry:
         """Merge ``fields`` into the record (creating it); dict values merge one level deep.
 
         Stages running side by side update the same record: each write is conditional on the
-        version read (S3 conditional writes), and a lost race reads and merges again.
+        version read (S3 conditional writes), and a lost race reads and merges again.  A stage's
+        entry keeps the ``started_at`` that ``stage_started`` wrote for the same run.
         """
 
         def merged(record: dict | None) -> dict:
             record = record or {"version": version, "application": self.application}
             for name, value in fields.items():
+                if name == "stages" and isinstance(value, dict):
+                    value = {stage: _keep_start(record.get("stages", {}).get(stage), entry)
+                             for stage, entry in value.items()}
                 if isinstance(value, dict) and isinstance(record.get(name), dict):
                     record[name] = {**record[name], **value}
                 else:
@@ -91,6 +102,29 @@ class ReleaseRegistry:
             return dict(record, updated_at=utcnow())
 
         return self._read_modify_write(self.key(version), merged)
+
+    def stage_started(self, version: str, stage: str, run_id: str) -> dict:
+        """Mark ``stage`` running in ``run_id`` from now (kept if it already runs in that run)."""
+
+        def started(record: dict | None) -> dict:
+            record = record or {"version": version, "application": self.application}
+            entry = record.setdefault("stages", {}).get(stage) or {}
+            if not (entry.get("run_id") == run_id and entry.get("result") == "running"):
+                record["stages"][stage] = {"result": "running", "started_at": utcnow(), "run_id": run_id}
+            return dict(record, updated_at=utcnow())
+
+        return self._read_modify_write(self.key(version), started)
+
+    def add_deployment(self, version: str, attempt: dict, **fields) -> dict:
+        """Append one production attempt (deployed or rolled back) to ``deployments``; set ``fields`` too."""
+
+        def appended(record: dict | None) -> dict:
+            record = record or {"version": version, "application": self.application}
+            record["deployments"] = [*record.get("deployments", []), attempt]
+            record.update(fields)
+            return dict(record, updated_at=utcnow())
+
+        return self._read_modify_write(self.key(version), appended)
 
     def _read(self, key: str) -> tuple[dict | None, str | None]:
         """The JSON object at ``key`` and its ETag, or (None, None)."""

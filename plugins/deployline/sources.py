@@ -23,6 +23,7 @@ from deployline.workdirs import work_dir
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SHA = re.compile(r"^[0-9a-f]{4,40}$")
 _FIELD_SEP = "\x1f"
+_REVERTS = re.compile(r"This reverts commit ([0-9a-f]{7,40})")
 
 
 class GitError(RuntimeError):
@@ -41,13 +42,14 @@ class Commit:
     email: str
     committed_at: str  # ISO 8601 with offset
     message: str  # subject line
+    reverts: tuple[str, ...] = ()  # shas named by `git revert`'s "This reverts commit <sha>."
 
     @property
     def short(self) -> str:
         return self.sha[:10]
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"short": self.short}
+        return asdict(self) | {"short": self.short, "reverts": list(self.reverts)}
 
 
 class GitSource:
@@ -186,13 +188,14 @@ class GitSource:
         return self._log(mirror, "-1", ref)[0]
 
     def _log(self, mirror: Path, *args: str) -> list[Commit]:
-        fmt = _FIELD_SEP.join(["%H", "%an", "%ae", "%cI", "%s"]) + "\x1e"
+        fmt = _FIELD_SEP.join(["%H", "%an", "%ae", "%cI", "%s", "%b"]) + "\x1e"
         out = self._git("log", f"--format={fmt}", *args, "--", cwd=mirror)
         commits = []
         for record in out.split("\x1e"):
             record = record.strip("\n")
             if record:
-                commits.append(Commit(*record.split(_FIELD_SEP, 4)))
+                *fields, body = record.split(_FIELD_SEP, 5)
+                commits.append(Commit(*fields, reverts=tuple(_REVERTS.findall(body))))
         return commits
 
     def commits_between(self, old: str | None, new: str) -> list[Commit]:

@@ -189,3 +189,11 @@ def test_support_infrastructure_dag(parsed):
     assert tasks["choose_action"]["upstream"] == ["plan"]
     for name in ("launch", "destroy", "report_status"):
         assert tasks[name]["upstream"] == ["choose_action", "plan"]
+
+
+def test_delivery_metrics_dag_publishes_every_application_daily(parsed):
+    dag = parsed["dags"]["delivery_metrics"]
+    assert dag["schedule"] == "@daily" and dag["doc_md"] and dag["params"] == ["window_days"]
+    applications = sorted(p.stem for p in (ROOT / "include/pipelines").glob("*.yaml"))
+    assert applications and sorted(dag["tasks"]) == [f"publish_{app}" for app in applications]
+    assert all(task["upstream"] == [] for task in dag["tasks"].values())  # one application never holds back another

@@ -3,12 +3,13 @@ superseded releases; approvals are given through the REST API as an approver wou
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from deployline import embedded
 from deployline.airflow_api import AirflowApi
 from deployline.sensors import pipeline_run_id
-from harness import APP, STRICT_APP, ClientLoop, environments, leftovers
+from harness import APP, ARTIFACTS, STRICT_APP, ClientLoop, environments, leftovers
 
 pytestmark = pytest.mark.e2e
 
@@ -16,6 +17,10 @@ PIPELINE = f"{APP}_pipeline"
 EXPLORATORY_WAIT, PRODUCTION_WAIT = "5-exploratory.await_approval", "8-production.await_approval"
 DEPLOY = "8-production.deploy"
 STAGES = ("6-capacity", "7-pre-production", "8-production")
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright drives it, it downloads no browser
+# As root with no display, and with no call home (this machine's network is closed).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +187,101 @@ def test_an_unhealthy_release_rolls_back(e2e, approver, first_release):
     assert "unhealthy" in record["rollback"]["reason"] or "health" in record["rollback"]["reason"]
     assert record["stages"]["8-production"]["result"] == "failed"
     assert not [s for s in environments(e2e).values() if s["stage"] == "production" and s["version"] == version]
+
+
+def insight(e2e, path: str, **params):
+    """GET a Deployline plugin endpoint on the real API server, as the signed-in user."""
+    response = e2e.api.session.get(f"{e2e.api.base}/deployline{path}", params=params, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_delivery_insight_traces_a_release_from_commit_to_production(e2e, two_releases):
+    newer = e2e.version(two_releases["newer"])
+    plugins = {p["name"]: p for p in e2e.api.get("/plugins")["plugins"]}
+    assert [v["name"] for v in plugins["deployline_insight"]["external_views"]] == ["Deployline", "Releases"]
+    listing = {a["application"]: a for a in insight(e2e, "/api/applications")["applications"]}
+    assert listing[APP]["live_version"] == newer and listing[APP]["releases"] >= 3
+    assert listing[STRICT_APP]["live_version"] is None
+    rows = {r["version"]: r for r in insight(e2e, f"/api/applications/{APP}/releases")["releases"]}
+    assert rows[newer]["production"] == "live"
+    assert rows[e2e.version(two_releases["older"])]["production"] == "superseded"
+
+    trace = insight(e2e, f"/api/applications/{APP}/releases/{newer}")
+    record = e2e.record(newer)
+    assert trace["commit"]["sha"] == two_releases["newer"] and trace["commit"]["message"] == "Newer release"
+    assert trace["artifact"]["sha256"] == record["artifact"]["sha256"]
+    assert trace["base_image"]["id"].startswith("ami-") and trace["application_image"]["id"].startswith("ami-")
+    stages = {s["stage"]: s for s in trace["stages"]}
+    for name in ("2-commit", "3-acceptance", "5-exploratory", "6-capacity", "7-pre-production", "8-production"):
+        assert stages[name]["result"] == "success", stages[name]
+        assert stages[name]["seconds"] > 0, stages[name]  # started_at written by the stage's first task
+        assert stages[name]["link"].endswith(f"/runs/{two_releases['newer_run']['dag_run_id']}/tasks/group/{name}")
+    assert set(trace["load_tests"]) == {"expected", "peak"}
+    assert [(a["gate"], a["decision"], a["by"]) for a in trace["approvals"]] == [
+        ("exploratory", "approved", "approver"), ("production", "approved", "approver")]
+    assert [d["result"] for d in trace["deployments"]] == ["deployed"]
+
+
+def test_delivery_metrics_from_real_runs(e2e, first_release, two_releases):
+    figures = insight(e2e, f"/api/applications/{APP}/metrics", days=1)
+    # Deploys so far: the first release and the newer one; the rollback test adds a failed one.
+    frequency, failure = figures["deployment_frequency"], figures["change_failure_rate"]
+    assert frequency["deploys"] >= 2 and frequency["per_day"] == frequency["deploys"]
+    assert failure["deploys"] - failure["failed"] == frequency["deploys"]
+    assert 0 < figures["lead_time"]["median"] < 1  # hours: minutes from commit to live in this suite
+    assert figures["stages"]["8-production"]["passed"] >= 2
+    assert figures["stages"]["6-capacity"]["seconds"]["count"] >= 2
+
+
+def test_delivery_metrics_dag_publishes_to_cloudwatch(e2e, two_releases):
+    import boto3
+
+    run = e2e.api.trigger("delivery_metrics", conf={"window_days": 1}, run_id="manual__metrics_e2e")
+    done = e2e.api.wait_for_run("delivery_metrics", run["dag_run_id"], timeout=180)
+    assert done["state"] == "success", e2e.task_states(done)
+    cloudwatch = boto3.client("cloudwatch", endpoint_url=e2e.s3.meta.endpoint_url, region_name=embedded.REGION,
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+    names = {m["MetricName"] for m in cloudwatch.list_metrics(Namespace=f"Deployline/{APP}")["Metrics"]
+             if {"Name": "Window", "Value": "1d"} in m["Dimensions"]}
+    assert {"DeploymentsPerDay", "LeadTimeMedian", "ChangeFailureRate", "StagePassRate"} <= names, names
+
+
+def test_delivery_insight_pages_in_a_browser(e2e, two_releases):
+    """The plugin's pages in headless Chromium, signed in with the UI's cookie; screenshots are kept."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (make test installs Debian's chromium when run as root)")
+    newer = e2e.version(two_releases["newer"])
+    token = e2e.api.session.headers["Authorization"].split()[1]
+    shots = ARTIFACTS / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            context.add_cookies([{"name": "_token", "value": token, "url": e2e.api.base}])
+            page = context.new_page()
+            # The Airflow UI: "Deployline" in the navigation opens the plugin in the UI's frame.
+            page.goto(f"{e2e.api.base}/plugin/deployline")
+            page.get_by_text("Deployline", exact=True).first.wait_for(timeout=30_000)
+            frame = page.frame_locator("iframe")
+            frame.get_by_text("Delivery insight").wait_for(timeout=30_000)
+            page.screenshot(path=shots / "airflow-nav-deployline.png")
+            for name, path, texts in [
+                ("releases", f"/applications/{APP}", [newer, "Newer release", "superseded", "live"]),
+                ("release", f"/applications/{APP}/releases/{newer}",
+                 [two_releases["newer"], "sha256", "ami-", "approver", "Next one", "deployed", "expected"]),
+                ("metrics", f"/applications/{APP}/metrics?days=1",
+                 ["Deployment frequency", "Lead time for changes", "Change failure rate", "Time to restore"]),
+            ]:
+                page.goto(f"{e2e.api.base}/deployline{path}")
+                page.screenshot(path=shots / f"{name}.png", full_page=True)
+                text = page.inner_text("body")
+                for expected in texts:
+                    assert expected in text, (name, expected)
+        finally:
+            browser.close()
 
 
 def test_nothing_is_left_behind(e2e):

@@ -89,3 +89,28 @@ def test_production_pointer_keeps_history(s3):
     live = registry.set_production("r2-bcdef01", endpoint="http://a")
     assert live["version"] == "r2-bcdef01" and [h["version"] for h in live["history"]] == ["r1-abcdef0"]
     assert registry.production()["version"] == "r2-bcdef01"
+
+
+def test_a_stage_keeps_its_start_time_for_the_same_run(s3):
+    registry = ReleaseRegistry(s3, BUCKET, "shop")
+    first = registry.stage_started("r4-abcdef1234", "2-commit", "run-1")["stages"]["2-commit"]
+    assert first["result"] == "running" and first["run_id"] == "run-1"
+    # A second first task of the same stage and run keeps the start.
+    assert registry.stage_started("r4-abcdef1234", "2-commit", "run-1")["stages"]["2-commit"] == first
+    done = registry.update("r4-abcdef1234", stages={"2-commit": {"result": "success", "run_id": "run-1",
+                                                                 "finished_at": "2026-11-27T10:00:00+00:00"}})
+    assert done["stages"]["2-commit"] == {"result": "success", "run_id": "run-1", "started_at": first["started_at"],
+                                          "finished_at": "2026-11-27T10:00:00+00:00"}
+    # Another run's result does not borrow this run's start; a new run starts afresh.
+    other = registry.update("r4-abcdef1234", stages={"2-commit": {"result": "failed", "run_id": "run-2"}})
+    assert "started_at" not in other["stages"]["2-commit"]
+    again = registry.stage_started("r4-abcdef1234", "2-commit", "run-3")["stages"]["2-commit"]
+    assert again["run_id"] == "run-3" and again["result"] == "running"
+
+
+def test_production_attempts_are_appended(s3):
+    registry = ReleaseRegistry(s3, BUCKET, "shop")
+    registry.add_deployment("r5-abcdef1234", {"result": "rolled_back", "at": "t1"}, rollback={"phase": "verify"})
+    record = registry.add_deployment("r5-abcdef1234", {"result": "deployed", "at": "t2"})
+    assert [d["result"] for d in record["deployments"]] == ["rolled_back", "deployed"]
+    assert record["rollback"] == {"phase": "verify"}

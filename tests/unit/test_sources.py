@@ -82,3 +82,13 @@ def test_credentials_from_a_connection_are_sent_but_never_shown():
 def test_redact():
     assert redact("clone https://u:p@host/x.git and ssh://git@h/y") == "clone https://***@host/x.git and ssh://***@h/y"
     assert redact("/srv/git/x.git") == "/srv/git/x.git"
+
+
+def test_a_git_revert_names_the_commit_it_reverts(repo):
+    bad = repo.commit({"app.py": "broken\n"}, "Break the cart")
+    git("revert", "--no-edit", bad, cwd=repo.work)
+    git("push", "--quiet", "origin", "HEAD:main", cwd=repo.work)
+    source = GitSource(str(repo.bare), "main")
+    revert, original = source.commits_between(None, git("rev-parse", "HEAD", cwd=repo.work))
+    assert revert.message == 'Revert "Break the cart"' and revert.reverts == (bad,)
+    assert original.reverts == () and revert.to_dict()["reverts"] == [bad]
