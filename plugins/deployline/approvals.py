@@ -235,6 +235,11 @@ def approval_tasks(config: PipelineConfig, gate: str, commit, after) -> tuple:
         # The gate decides (and times out) first; this only guards against a lost gate run.
         timeout=timedelta(hours=settings.timeout_hours).total_seconds() + 3600,
         trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+        # Airflow 3.3's scheduler can fail a resumed sensor on the late executor event of its
+        # deferral (apache/airflow#71172) when the decision comes seconds after the wait began;
+        # the retry asks again and gets the same answer.
+        retries=2,
+        retry_delay=timedelta(seconds=5),
     )
     chain(release, request, [notify, wait])
     after >> wait
