@@ -18,6 +18,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.providers.standard.sensors.external_task import ExternalTaskSensor
 from airflow.sdk import DAG, BaseSensorOperator, Param, TriggerRule, chain, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from deployline import notifications
 from deployline.airflow_api import api_from_connection
@@ -49,6 +50,19 @@ this run's conf (version, commit, images, links).
 
 def gate_dag_id(config: PipelineConfig, gate: str) -> str:
     return f"{config.application}_approve_{gate}"
+
+
+class AwaitApprovalSensor(ExternalTaskSensor):
+    """Waits (deferred) for the gate's ``decision``; a rejection or timeout fails at once.
+
+    It retries only the Airflow deferral race (see ``approval_tasks``), never a decision.
+    """
+
+    def execute_complete(self, context, event=None):
+        if event and event.get("status") == "failed":
+            raise AirflowFailException(f"{self.external_dag_id}: the decision was rejected or timed out "
+                                       f"(decision {event.get('status')}); the release stops here")
+        return super().execute_complete(context, event)
 
 
 class AwaitDecisionSensor(BaseSensorOperator):
@@ -224,7 +238,7 @@ def approval_tasks(config: PipelineConfig, gate: str, commit, after) -> tuple:
         aws_conn_id=config.aws.conn_id,
         region_name=config.aws.region,
     )
-    wait = ExternalTaskSensor(
+    wait = AwaitApprovalSensor(
         task_id="await_approval",
         external_dag_id=gate_id,
         external_task_id="decision",
@@ -237,7 +251,7 @@ def approval_tasks(config: PipelineConfig, gate: str, commit, after) -> tuple:
         trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
         # Airflow 3.3's scheduler can fail a resumed sensor on the late executor event of its
         # deferral (apache/airflow#71172) when the decision comes seconds after the wait began;
-        # the retry asks again and gets the same answer.
+        # the retry asks again. A rejection is not retried (AwaitApprovalSensor).
         retries=2,
         retry_delay=timedelta(seconds=5),
     )

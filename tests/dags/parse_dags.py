@@ -46,6 +46,7 @@ def shape(dag):
                 "mode": getattr(t, "mode", None),
                 "deferrable": getattr(t, "deferrable", None),
                 "pool": t.pool,
+                "retries": t.retries,
             }
             for t in dag.tasks
         },

@@ -135,7 +135,7 @@ def test_exploratory_stage_asks_and_waits_without_a_worker_slot(parsed):
     assert tasks["5-exploratory.describe_release"]["upstream"] == ["3-acceptance.record_candidate", "resolve_commit"]
     assert tasks["5-exploratory.request_approval"]["type"] == "TriggerDagRunOperator"
     wait = tasks["5-exploratory.await_approval"]
-    assert wait["type"] == "ExternalTaskSensor" and wait["deferrable"]
+    assert wait["type"] == "AwaitApprovalSensor" and wait["deferrable"] and wait["retries"] == 2
     assert wait["trigger_rule"] == "none_failed_min_one_success"
     assert wait["upstream"] == ["3-acceptance.record_candidate", "5-exploratory.request_approval"]
     assert tasks["5-exploratory.notify_approval_requested"]["type"] == "SnsPublishOperator"
@@ -168,7 +168,7 @@ def test_production_asks_then_deploys_in_a_one_slot_pool(parsed):
     assert "7-pre-production.smoke_test" in tasks["8-production.describe_release"]["upstream"]
     assert tasks["8-production.request_approval"]["type"] == "TriggerDagRunOperator"
     wait = tasks["8-production.await_approval"]
-    assert wait["type"] == "ExternalTaskSensor" and wait["deferrable"]
+    assert wait["type"] == "AwaitApprovalSensor" and wait["deferrable"] and wait["retries"] == 2
     address = tasks["8-production.ensure_production_address"]
     assert address["upstream"] == ["8-production.await_approval"] and address["is_setup"]
     deploy = tasks["8-production.deploy"]

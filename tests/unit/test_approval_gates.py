@@ -1,3 +1,4 @@
+import pytest
 from deployline.approvals import APPROVED, REJECTED, TIMED_OUT, AwaitDecisionSensor, decision_outcome, who_decided
 
 HITL_APPROVE = {"responded_by_user": {"id": "7", "name": "dana"}, "chosen_options": ["Approve"],
@@ -42,3 +43,13 @@ def test_the_sensor_never_decides_by_itself():
         conf = {"version": "r1-abc", "links": {}}
 
     assert sensor.poke({"dag_run": Run()}) is False
+
+
+def test_a_rejected_decision_fails_the_wait_without_retries():
+    from airflow.sdk.exceptions import AirflowFailException
+    from deployline.approvals import AwaitApprovalSensor
+
+    sensor = AwaitApprovalSensor(task_id="await_approval", external_dag_id="shop_approve_production",
+                                 external_task_id="decision", deferrable=True, retries=2)
+    with pytest.raises(AirflowFailException, match="shop_approve_production: the decision was rejected or timed out"):
+        sensor.execute_complete({}, {"status": "failed"})
