@@ -106,6 +106,10 @@ def aws_connection_uri(endpoint: str, region: str = REGION) -> str:
 USERS = {"admin": "admin", "approver": "op"}  # simple auth manager: user -> role
 
 
+SQLITE_CONNECT_ARGS = {"timeout": 60}  # seconds a connection waits for SQLite's lock
+SQLITE_CONNECT_ARGS_ASYNC = {"timeout": 60}
+
+
 def prepare_users(home: Path) -> dict[str, str]:
     """Passwords of the demo users, written where the simple auth manager keeps them (it keeps existing ones)."""
     import secrets
@@ -151,6 +155,11 @@ def airflow_env(
             "login": "admin", "password": passwords["admin"]}),
         "DEPLOYLINE_WORK_DIR": str(home / "deployline"),
         "PYTHONUNBUFFERED": "1",
+        # SQLite gives up on a locked database after 5 s; under load that failed REST calls with
+        # "Database error" and once stopped the triggerer for good. Writers wait longer instead.
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "deployline.embedded.SQLITE_CONNECT_ARGS",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "deployline.embedded.SQLITE_CONNECT_ARGS_ASYNC",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT / "plugins"), env.get("PYTHONPATH")) if p),
     })
     env.update(extra or {})
     return env

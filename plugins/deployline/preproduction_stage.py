@@ -7,7 +7,7 @@ import logging
 from airflow.sdk import TaskGroup, chain, get_current_context, task
 
 from deployline import aws
-from deployline.airflow_api import api_from_connection
+from deployline.airflow_api import AirflowApiError, api_from_connection
 from deployline.config import PipelineConfig
 from deployline.environment_tasks import run_repository_test
 from deployline.environments.base import EnvironmentSpec, environment_name
@@ -67,7 +67,7 @@ def preproduction_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
                 raise RuntimeError(f"{commit['version']} is not ready for pre-production: {'; '.join(problems)}")
             log.info("%s: exploratory approval and every load profile passed in this run", commit["version"])
 
-        @task(task_id="ensure_pools")
+        @task(task_id="ensure_pools", retries=2)
         def ensure_pools() -> None:
             api = api_from_connection()
             if api is None:
@@ -78,8 +78,14 @@ def preproduction_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
             for pool in (config.preproduction_pool, config.production_pool):
                 existing = {p["name"] for p in api.get("/pools", limit=1000)["pools"]}
                 if pool not in existing:
-                    api.request("POST", "/pools", json={"name": pool, "slots": 1, "include_deferred": False,
-                                                        "description": f"one {config.application} deploy at a time"})
+                    # Sent again on SQLite's "Database error"; a pool made meanwhile (409) is as good.
+                    try:
+                        api.request("POST", "/pools", idempotent=True,
+                                    json={"name": pool, "slots": 1, "include_deferred": False,
+                                          "description": f"one {config.application} deploy at a time"})
+                    except AirflowApiError as exc:
+                        if ": 409 " not in str(exc):
+                            raise
                     log.info("created pool %s (1 slot)", pool)
 
         @task(task_id="update_environment", pool=config.preproduction_pool, retries=1)
