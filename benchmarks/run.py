@@ -25,7 +25,7 @@ def main() -> int:
         if done.returncode != 0:
             print(f"{name} failed with exit code {done.returncode}", file=sys.stderr)
             return done.returncode
-        results[name] = json.loads(done.stdout)
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])  # logs may come before it
         print(json.dumps(results[name], indent=2))
     out = HERE / "results" / "latest.json"
     out.parent.mkdir(exist_ok=True)

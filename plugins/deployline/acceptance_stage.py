@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 
 from airflow.sdk import TaskGroup, TriggerRule, chain, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from deployline import aws, images
+from deployline.artifacts import ArtifactError
 from deployline.baking_stage import builder_key, image_tags
 from deployline.config import PipelineConfig
 from deployline.environment_tasks import run_environment, run_repository_test
@@ -36,16 +38,35 @@ provisioning script, `create_application_image` and the deferrable
 registry.
 """
 
+# The artifact is checked against the release record's sha256 on the builder, after the download and
+# before the provisioning script sees it: a tampered or replaced artifact never gets into an image.
 INSTALL_SCRIPT = """\
 set -euo pipefail
+uri={uri}
+expected={sha256}
 artifact=/tmp/deployline-{version}.tar.gz
-aws s3 cp --only-show-errors {uri} "$artifact"
-echo "{sha256}  $artifact" | sha256sum -c -
+aws s3 cp --only-show-errors "$uri" "$artifact"
+actual=$(sha256sum "$artifact" | cut -d' ' -f1)
+if [ "$actual" != "$expected" ]; then
+  rm -f "$artifact"
+  echo "artifact $uri has sha256 $actual, the release record says $expected:" \
+    "refusing a tampered or replaced artifact" >&2
+  exit 1
+fi
 cat > /tmp/deployline-provision.sh <<'DEPLOYLINE_SCRIPT_END'
 {script}
 DEPLOYLINE_SCRIPT_END
 bash /tmp/deployline-provision.sh "$artifact"
 """
+
+
+def install_script(version: str, artifact: dict, script: str) -> str:
+    """The shell script that downloads ``artifact``, verifies its sha256 and runs ``script`` with it."""
+    sha256 = str(artifact.get("sha256") or "")
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ArtifactError(f"artifact {artifact.get('uri')}: the release record's sha256 {sha256!r} "
+                            "is not a sha256 (64 hex digits): refusing to install it")
+    return INSTALL_SCRIPT.format(version=version, uri=shlex.quote(artifact["uri"]), sha256=sha256, script=script)
 
 
 def select_release_inputs(registry: ReleaseRegistry, commit: dict) -> dict:
@@ -103,11 +124,8 @@ def acceptance_stage(config: PipelineConfig, commit) -> TaskGroup:
         def install_artifact(instance_id: str, inputs: dict, commit: dict) -> None:
             script = GitSource.from_repository(config.repository).read_file(
                 commit["sha"], config.baking.provision_script)
-            artifact = inputs["artifact"]
             result = images.run_provisioning(
-                aws.ssm(config), instance_id,
-                INSTALL_SCRIPT.format(version=commit["version"], uri=shlex.quote(artifact["uri"]),
-                                      sha256=artifact["sha256"], script=script),
+                aws.ssm(config), instance_id, install_script(commit["version"], inputs["artifact"], script),
                 config.baking.provision_timeout, comment=f"{config.application} {commit['version']} install",
             )
             log.info("install %s: %s\n%s", result["command_id"], result["status"], result["output"])

@@ -4,12 +4,40 @@ from __future__ import annotations
 
 import glob as _glob
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from botocore.exceptions import ClientError
+
+_NOT_FOUND = ("404", "NoSuchKey", "NotFound")
 
 
 class ArtifactError(RuntimeError):
     pass
+
+
+class MissingBucketError(ArtifactError):
+    """The artifact bucket (the pipeline config's ``aws.artifact_bucket``) does not exist."""
+
+
+def _code(exc: ClientError) -> str:
+    return exc.response.get("Error", {}).get("Code", "")
+
+
+@contextmanager
+def bucket_must_exist(bucket: str, source: str = ""):
+    """Turn S3's ``NoSuchBucket`` into an error that names the bucket and the config field."""
+    try:
+        yield
+    except ClientError as exc:
+        if _code(exc) != "NoSuchBucket":
+            raise
+        where = f"{source}: " if source else ""
+        raise MissingBucketError(
+            f"{where}aws.artifact_bucket: bucket {bucket!r} does not exist (S3 answered NoSuchBucket): "
+            "correct the field, or create the bucket (stage 0: support_infrastructure, component artifact_store)"
+        ) from exc
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -24,10 +52,12 @@ def find_distribution(folder: Path, pattern: str) -> Path:
     """The one file ``pattern`` matches under ``folder``; anything else is an error naming the glob."""
     matches = sorted(Path(p) for p in _glob.glob(str(folder / pattern), recursive=True) if Path(p).is_file())
     if not matches:
-        raise ArtifactError(f"artifact glob {pattern!r} matched no file in {folder} (did the build write it?)")
+        raise ArtifactError(
+            f"commit_stage.artifact glob {pattern!r} matched no file in {folder} (did the build write it?)")
     if len(matches) > 1:
         names = ", ".join(str(m.relative_to(folder)) for m in matches)
-        raise ArtifactError(f"artifact glob {pattern!r} matched {len(matches)} files, expected one: {names}")
+        raise ArtifactError(
+            f"commit_stage.artifact glob {pattern!r} matched {len(matches)} files, expected one: {names}")
     return matches[0]
 
 
@@ -50,18 +80,21 @@ def artifact_key(application: str, version: str, filename: str) -> str:
     return f"{application}/artifacts/{version}/{filename}"
 
 
-def publish(s3_client, bucket: str, application: str, version: str, path: Path) -> tuple[Artifact, bool]:
+def publish(s3_client, bucket: str, application: str, version: str, path: Path,
+            source: str = "") -> tuple[Artifact, bool]:
     """Upload ``path`` with its sha256 in the object metadata.
 
     Build once: a version already in the store is never overwritten (a retry or a
     rerun keeps the first upload).  Returns the artifact and whether it was uploaded now.
+    ``source`` (the pipeline config file) is named when the bucket does not exist.
     """
     key = artifact_key(application, version, path.name)
     digest = sha256_of(path)
-    existing = head(s3_client, bucket, key)
+    with bucket_must_exist(bucket, source):
+        existing = head(s3_client, bucket, key)
     if existing is not None:
         return existing, False
-    with open(path, "rb") as body:
+    with open(path, "rb") as body, bucket_must_exist(bucket, source):
         s3_client.put_object(
             Bucket=bucket,
             Key=key,
@@ -75,8 +108,8 @@ def publish(s3_client, bucket: str, application: str, version: str, path: Path) 
 def head(s3_client, bucket: str, key: str) -> Artifact | None:
     try:
         meta = s3_client.head_object(Bucket=bucket, Key=key)
-    except s3_client.exceptions.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+    except ClientError as exc:
+        if _code(exc) in _NOT_FOUND:
             return None
         raise
     return Artifact(bucket, key, meta.get("Metadata", {}).get("sha256", ""), meta["ContentLength"])
@@ -85,7 +118,15 @@ def head(s3_client, bucket: str, key: str) -> Artifact | None:
 def download_verified(s3_client, artifact: dict, dest: Path) -> Path:
     """Download the artifact and refuse it unless its sha256 matches the release record."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    s3_client.download_file(artifact["bucket"], artifact["key"], str(dest))
+    try:
+        with bucket_must_exist(artifact["bucket"]):
+            s3_client.download_file(artifact["bucket"], artifact["key"], str(dest))
+    except ClientError as exc:
+        dest.unlink(missing_ok=True)
+        if _code(exc) in _NOT_FOUND:
+            raise ArtifactError(f"artifact {artifact['uri']} is not in the artifact store (deleted or moved?): "
+                                "nothing to run") from exc
+        raise
     actual = sha256_of(dest)
     if actual != artifact["sha256"]:
         dest.unlink(missing_ok=True)

@@ -9,13 +9,23 @@ import subprocess
 import threading
 import time
 from collections import deque
+from hashlib import sha1
 from pathlib import Path
+
+import psutil
+from airflow.sdk.exceptions import AirflowFailException
+
+from deployline.workdirs import work_dir
 
 log = logging.getLogger(__name__)
 
 
-class CommandFailed(RuntimeError):
-    """A command exited non-zero or timed out; the message has the command and its last lines."""
+class CommandFailed(AirflowFailException):
+    """A command exited non-zero or timed out; the message has the command and its last lines.
+
+    Final: a failing build or test fails again when retried, so Airflow does not retry it.  A
+    task's retries are for what is not the command's fault (a killed worker, say).
+    """
 
     def __init__(self, command: str, reason: str, tail: list[str]):
         self.command, self.reason, self.tail = command, reason, tail
@@ -32,6 +42,30 @@ def _kill_group(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _group_file(command: str, cwd: str | Path) -> Path:
+    """Where the process group of ``command`` running in ``cwd`` is noted while it runs."""
+    key = sha1(f"{Path(cwd).resolve()}\0{command}".encode()).hexdigest()[:16]
+    return work_dir() / "commands" / f"{key}.pgid"
+
+
+def _stop_leftover(marker: Path, logger: logging.Logger) -> None:
+    """Stop the group an earlier try left running: its task was killed before it could."""
+    try:
+        pgid, started = marker.read_text().split()
+        pgid = int(pgid)
+        # The same process still (ids are reused): its start time is the one noted.
+        alive = abs(psutil.Process(pgid).create_time() - float(started)) < 0.01
+    except (FileNotFoundError, ValueError, psutil.NoSuchProcess):
+        alive = False
+    if alive:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            logger.warning("stopped process group %d, left running by an earlier try of this command", pgid)
+        except ProcessLookupError:
+            pass
+    marker.unlink(missing_ok=True)
 
 
 def run_command(
@@ -52,6 +86,8 @@ def run_command(
     if not Path(cwd).is_dir():
         raise CommandFailed(command, f"cannot run: working folder {cwd} does not exist", [])
     logger.info("$ %s  (in %s, timeout %ss)", command, cwd, timeout)
+    marker = _group_file(command, cwd)
+    _stop_leftover(marker, logger)
     started = time.monotonic()
     proc = subprocess.Popen(
         ["bash", "-o", "pipefail", "-c", command],
@@ -66,6 +102,11 @@ def run_command(
         # Own process group, so a timeout stops the command's children too.
         start_new_session=True,
     )
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    try:  # the group's id and start: a retry after a killed worker stops what is left of it
+        marker.write_text(f"{proc.pid} {psutil.Process(proc.pid).create_time()}")
+    except psutil.NoSuchProcess:
+        pass  # it has finished already
     timed_out = threading.Event()
 
     def on_timeout():
@@ -86,6 +127,7 @@ def run_command(
         raise
     finally:
         timer.cancel()
+        marker.unlink(missing_ok=True)
     elapsed = time.monotonic() - started
     if timed_out.is_set():
         raise CommandFailed(command, f"timed out after {timeout}s", list(tail))

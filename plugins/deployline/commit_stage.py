@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from airflow.sdk import TaskGroup, chain, get_current_context, task
 
@@ -34,6 +35,11 @@ def _command_env(commit: dict) -> dict[str, str]:
     return {"DEPLOYLINE_VERSION": commit["version"], "DEPLOYLINE_COMMIT": commit["sha"]}
 
 
+# A failing command fails for good (CommandFailed is final); a try lost with its worker is
+# retried, and the retry first stops what the lost try left running.
+AFTER_A_LOST_WORKER = {"retries": 1, "retry_delay": timedelta(seconds=5)}
+
+
 def commit_stage(config: PipelineConfig, commit) -> TaskGroup:
     """The ``2-commit`` group; ``commit`` is the ``resolve_commit`` output."""
     stage = config.commit_stage
@@ -55,15 +61,16 @@ def commit_stage(config: PipelineConfig, commit) -> TaskGroup:
             log.info("checked out %s at %s", commit["sha"], dest)
             return str(dest)
 
-        @task(task_id="build", execution_timeout=config.step_timeout("build"))
+        @task(task_id="build", execution_timeout=config.step_timeout("build"), **AFTER_A_LOST_WORKER)
         def build(commit: dict) -> None:
             run_step("build", commit)
 
-        @task(task_id="unit_test", execution_timeout=config.step_timeout("unit_test"))
+        @task(task_id="unit_test", execution_timeout=config.step_timeout("unit_test"), **AFTER_A_LOST_WORKER)
         def unit_test(commit: dict) -> None:
             run_step("unit_test", commit)
 
-        @task(task_id="static_analysis", execution_timeout=config.step_timeout("static_analysis"))
+        @task(task_id="static_analysis", execution_timeout=config.step_timeout("static_analysis"),
+              **AFTER_A_LOST_WORKER)
         def static_analysis(commit: dict) -> None:
             run_step("static_analysis", commit)
 
@@ -74,7 +81,8 @@ def commit_stage(config: PipelineConfig, commit) -> TaskGroup:
             dist = artifacts.find_distribution(folder, stage.artifact)
             registry = ReleaseRegistry.for_config(config)
             artifact, uploaded = artifacts.publish(
-                registry.s3_client, config.aws.artifact_bucket, config.application, commit["version"], dist
+                registry.s3_client, config.aws.artifact_bucket, config.application, commit["version"], dist,
+                source=config.source_file,
             )
             if uploaded:
                 log.info("published %s (sha256 %s, %d bytes)", artifact.uri, artifact.sha256, artifact.size)

@@ -82,7 +82,7 @@ class CommitStage(_Strict):
     artifact: str = Field(min_length=1, description="glob, relative to workdir, matching one file")
     env: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("workdir")
+    @field_validator("workdir", "artifact")
     @classmethod
     def _relative(cls, value: str) -> str:
         if Path(value).is_absolute() or ".." in Path(value).parts:

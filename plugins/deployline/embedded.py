@@ -23,6 +23,11 @@ from deployline.config import PROJECT_ROOT
 SAMPLE_SERVICE = PROJECT_ROOT / "include" / "sample-service"
 REGION = "us-east-1"
 AWS_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
+# botocore's retry policy for every client made from the connection (the amazon provider passes the
+# extra's config_kwargs to botocore.config.Config): throttling (SlowDown, ThrottlingException...),
+# 5xx answers and dropped connections are retried with exponential backoff and jitter; max_attempts
+# counts the retries, so a call is tried 6 times before its error reaches the task.
+AWS_RETRIES = {"mode": "standard", "max_attempts": 5}
 
 
 class StackError(RuntimeError):
@@ -99,15 +104,15 @@ def aws_connection_uri(endpoint: str, region: str = REGION) -> str:
         "conn_type": "aws",
         "login": AWS_KEYS["AWS_ACCESS_KEY_ID"],
         "password": AWS_KEYS["AWS_SECRET_ACCESS_KEY"],
-        "extra": {"endpoint_url": endpoint, "region_name": region},
+        "extra": {"endpoint_url": endpoint, "region_name": region, "config_kwargs": {"retries": dict(AWS_RETRIES)}},
     })
 
 
 USERS = {"admin": "admin", "approver": "op"}  # simple auth manager: user -> role
 
 
-SQLITE_CONNECT_ARGS = {"timeout": 60}  # seconds a connection waits for SQLite's lock
-SQLITE_CONNECT_ARGS_ASYNC = {"timeout": 60}
+SQLITE_CONNECT_ARGS = {"timeout": 20}  # seconds a connection waits for SQLite's lock (default 5)
+SQLITE_CONNECT_ARGS_ASYNC = {"timeout": 20}
 
 
 def prepare_users(home: Path) -> dict[str, str]:
@@ -156,9 +161,11 @@ def airflow_env(
         "DEPLOYLINE_WORK_DIR": str(home / "deployline"),
         "PYTHONUNBUFFERED": "1",
         # SQLite gives up on a locked database after 5 s; under load that failed REST calls with
-        # "Database error" and once stopped the triggerer for good. Writers wait longer instead.
+        # "Database error" and once stopped the triggerer for good. Writers wait longer instead,
+        # and workers wait for the API server longer than a writer waits for the lock.
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "deployline.embedded.SQLITE_CONNECT_ARGS",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "deployline.embedded.SQLITE_CONNECT_ARGS_ASYNC",
+        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT / "plugins"), env.get("PYTHONPATH")) if p),
     })
     env.update(extra or {})

@@ -3,8 +3,9 @@
 Plain boto3 clients are passed in, so the same functions serve tasks, the CLI and tests.
 Every step is safe to retry: the builder is found by its ``deployline:builder=<key>``
 tag before a new one is launched (and ``run_instances`` carries a ``ClientToken``
-derived from the key), and an image is found by its name before a new one is created,
-so a retried task never makes a second instance or AMI.
+derived from the key, then from the key and the terminated builder it names, when a
+stage is rerun after its teardown), and an image is found by its name before a new one
+is created, so a retried task never makes a second instance or AMI.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ SSM_IN_PROGRESS = frozenset({"Pending", "InProgress", "Delayed"})
 # Anything else is terminal: Failed, Cancelled, TimedOut, Cancelling, Undeliverable,
 # Terminated, InvalidPlatform, AccessDenied, ...
 _OUTPUT_TAIL = 2000
+# Builders one key may have launched and seen terminated (its stage cleared and rerun that often).
+MAX_RELAUNCHES = 20
 
 
 class ImageError(RuntimeError):
@@ -176,18 +179,27 @@ def launch_builder(
         if instance_profile:
             field = "Arn" if instance_profile.startswith("arn:") else "Name"
             request["IamInstanceProfile"] = {field: instance_profile}
-        try:
-            instance = ec2_client.run_instances(**request)["Instances"][0]
-        except ClientError as exc:
-            if _error_code(exc) == "IdempotentParameterMismatch":
-                raise ImageError(
-                    f"builder {key}: an earlier launch with this key used other parameters; use a new key"
-                ) from exc
-            raise ImageError(f"builder {key}: run_instances failed: {exc}") from exc
-        instance_id = instance["InstanceId"]
-        state = instance.get("State", {}).get("Name")
-        if state in ("shutting-down", "terminated", "stopping", "stopped"):
-            # The ClientToken returned an earlier launch that has been terminated since.
+        for _ in range(MAX_RELAUNCHES):
+            try:
+                instance = ec2_client.run_instances(**request)["Instances"][0]
+            except ClientError as exc:
+                if _error_code(exc) == "IdempotentParameterMismatch":
+                    raise ImageError(
+                        f"builder {key}: an earlier launch with this key used other parameters; use a new key"
+                    ) from exc
+                raise ImageError(f"builder {key}: run_instances failed: {exc}") from exc
+            instance_id = instance["InstanceId"]
+            state = instance.get("State", {}).get("Name")
+            if state not in ("shutting-down", "terminated"):
+                break
+            # The ClientToken returned an earlier launch, terminated since (AWS keeps a token for 24 h
+            # after that): the stage was cleared and rerun after its teardown. The next token follows
+            # from that instance, so a retry of this launch walks to the same new instance.
+            log.info("builder %s for %s was %s; launching the next one", instance_id, key, state)
+            request["ClientToken"] = client_token(f"{key}#{instance_id}")
+        else:
+            raise ImageError(f"builder {key}: {MAX_RELAUNCHES} launches with this key ended; use a new key")
+        if state in ("stopping", "stopped"):
             raise ImageError(f"builder {key}: its instance {instance_id} is already {state}; use a new key")
         log.info("launched builder %s for %s from %s", instance_id, key, image_id)
     try:

@@ -154,12 +154,28 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
 
 
 def _record_start(config: PipelineConfig, group) -> None:
-    """The first task(s) of a stage write its start to the release record, for stage durations."""
+    """The first task(s) of a stage write its start to the release record, for stage durations;
+    when a first task skips (nothing to do), the stage is closed as skipped."""
     tasks = list(group)
     inside = {t.task_id for t in tasks}
-    callback = _start_recorder(config, group.group_id)
+    started, skipped = _start_recorder(config, group.group_id), _skip_recorder(config, group.group_id)
     for first in (t for t in tasks if not (t.upstream_task_ids & inside) and not t.is_teardown):
-        first.on_execute_callback = [*(first.on_execute_callback or []), callback]
+        first.on_execute_callback = [*(first.on_execute_callback or []), started]
+        first.on_skipped_callback = [*(first.on_skipped_callback or []), skipped]
+
+
+def _skip_recorder(config: PipelineConfig, stage: str):
+    def record_skip(context) -> None:
+        commit = context["ti"].xcom_pull(task_ids="resolve_commit")
+        if not commit:
+            return
+        reason = str(context.get("exception") or f"{context['ti'].task_id} skipped")
+        try:
+            ReleaseRegistry.for_config(config).stage_skipped(commit["version"], stage, context["run_id"], reason)
+        except Exception:  # the skip itself must stand
+            log.exception("could not record the skip of %s", stage)
+
+    return record_skip
 
 
 def _start_recorder(config: PipelineConfig, stage: str):

@@ -11,7 +11,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 from deployline import aws, notifications
 from deployline.approvals import approval_tasks
 from deployline.config import PipelineConfig
-from deployline.deployments import RolledBack, blue_green, remove_idle, superseded_by
+from deployline.deployments import Deployed, RolledBack, blue_green, remove_idle, superseded_by
 from deployline.environment_tasks import run_repository_test
 from deployline.environments.base import EnvironmentSpec, environment_name
 from deployline.releases import ReleaseRegistry, utcnow
@@ -33,11 +33,47 @@ pool `{pool}` so two production deploys never overlap:
    green's health is watched for {verify:g} s.
 4. Blue keeps running {drain:g} s for requests in flight, then it is removed.
 
+A retry of `deploy` (or a rerun of the stage) after the switch finds this version live: it
+deploys nothing again and writes the deploy to the release record once.
+
 If green fails in step 2 or 3, traffic stays on or returns to blue, green is removed, the
 run fails and the release record gets a `rollback` entry. `clean_up_environments`
 (teardown, same pool) removes any production environment that takes no traffic, even
 after a killed deploy.
 """
+
+
+def record_deployment(registry: ReleaseRegistry, version: str, deployed: Deployed, run_id: str,
+                      started_at: str) -> dict:
+    """Write a deploy that went live: the production pointer, one ``deployments`` entry, the record's
+    ``production`` and the stage's result; returns the details.
+
+    A retry after the switch (or the stage cleared and rerun) finds the version live already
+    (``already_live``): it writes what a try killed between the switch and these writes left out,
+    nothing twice, and keeps what the deploy itself recorded.
+    """
+    details = deployed.to_dict() | {"run_id": run_id, "at": utcnow()}
+    fields: dict = {"production": details}
+    previous, switch_seconds = deployed.previous_version, deployed.switch_seconds
+    pointer_missing = entry_missing = True
+    if deployed.result == "already_live":
+        pointer, record = registry.production() or {}, registry.get(version) or {}
+        pointer_missing = pointer.get("version") != version
+        previous = pointer.get("version") if pointer_missing else pointer.get("previous_version")
+        switch_seconds = None  # not measured: the switch happened in the try that was killed
+        entry_missing = not any(a.get("result") == "deployed" for a in record.get("deployments") or [])
+        if (record.get("production") or {}).get("result") in ("deployed", "already_live"):
+            fields = {}
+    if pointer_missing:
+        registry.set_production(version, environment=deployed.environment, endpoint=deployed.endpoint,
+                                run_id=run_id, previous_version=previous)
+    if entry_missing:
+        registry.add_deployment(version, {
+            "result": "deployed", "started_at": started_at, "at": details["at"], "run_id": run_id,
+            "previous_version": previous, "switch_seconds": switch_seconds})
+    registry.update(version, **fields, stages={"8-production": {
+        "result": "success", "finished_at": utcnow(), "run_id": run_id}})
+    return details
 
 
 def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGroup:
@@ -84,15 +120,7 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
                     rollback=rollback, production={"result": "rolled_back", "at": rollback["at"], "run_id": run_id})
                 notifications.publish(config, f"{config.application} {version}: rolled back", str(exc))
                 raise
-            details = deployed.to_dict() | {"run_id": run_id, "at": utcnow()}
-            if deployed.result == "deployed":
-                registry.set_production(version, environment=deployed.environment, endpoint=deployed.endpoint,
-                                        run_id=run_id, previous_version=deployed.previous_version)
-                registry.add_deployment(version, {
-                    "result": "deployed", "started_at": started_at, "at": details["at"], "run_id": run_id,
-                    "previous_version": deployed.previous_version, "switch_seconds": deployed.switch_seconds})
-            registry.update(version, production=details, stages={"8-production": {
-                "result": "success", "finished_at": utcnow(), "run_id": run_id}})
+            details = record_deployment(registry, version, deployed, run_id, started_at)
             notifications.publish(config, f"{config.application} {version} is live",
                                   f"{version} serves {deployed.endpoint} (previous: {deployed.previous_version}).")
             log.info("%s is live at %s (switch %.2fs, previous %s)", version, deployed.endpoint,

@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 
 from botocore.exceptions import ClientError
 
+from deployline.artifacts import bucket_must_exist
+
 WRITE_ATTEMPTS = 20
 # A conditional write that lost: the object changed (412), or another conditional write to it is
 # in flight (409), or it was created since we found none.
@@ -57,13 +59,14 @@ class ReleaseRegistry:
     s3_client: object
     bucket: str
     application: str
+    source: str = ""  # the pipeline config file, named when the bucket does not exist
 
     @classmethod
     def for_config(cls, config) -> ReleaseRegistry:
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
         hook = S3Hook(aws_conn_id=config.aws.conn_id, region_name=config.aws.region)
-        return cls(hook.get_conn(), config.aws.artifact_bucket, config.application)
+        return cls(hook.get_conn(), config.aws.artifact_bucket, config.application, config.source_file)
 
     @property
     def prefix(self) -> str:
@@ -115,12 +118,34 @@ class ReleaseRegistry:
 
         return self._read_modify_write(self.key(version), started)
 
+    def stage_skipped(self, version: str, stage: str, run_id: str, reason: str) -> dict:
+        """A stage that started in ``run_id`` and then skipped (nothing to do) is recorded as skipped."""
+
+        def skipped(record: dict | None) -> dict:
+            record = record or {"version": version, "application": self.application}
+            entry = record.setdefault("stages", {}).get(stage) or {}
+            if entry.get("run_id") == run_id and entry.get("result") == "running":
+                record["stages"][stage] = {**entry, "result": "skipped", "reason": reason[-500:],
+                                           "finished_at": utcnow()}
+            return dict(record, updated_at=utcnow())
+
+        return self._read_modify_write(self.key(version), skipped)
+
     def add_deployment(self, version: str, attempt: dict, **fields) -> dict:
-        """Append one production attempt (deployed or rolled back) to ``deployments``; set ``fields`` too."""
+        """Append one production attempt (deployed or rolled back) to ``deployments``; set ``fields`` too.
+
+        Once: an attempt with the same ``run_id``, ``result`` and ``at`` is already there when the same
+        deploy is recorded again (a retried task, or a write S3 stored but whose answer was lost and
+        that is merged again after the 412); it is not appended a second time, deploy counts stay right.
+        """
+
+        def same(other: dict) -> bool:
+            return all(other.get(k) == attempt.get(k) for k in ("run_id", "result", "at"))
 
         def appended(record: dict | None) -> dict:
             record = record or {"version": version, "application": self.application}
-            record["deployments"] = [*record.get("deployments", []), attempt]
+            attempts = record.get("deployments", [])
+            record["deployments"] = attempts if any(same(a) for a in attempts) else [*attempts, attempt]
             record.update(fields)
             return dict(record, updated_at=utcnow())
 
@@ -129,14 +154,16 @@ class ReleaseRegistry:
     def _read(self, key: str) -> tuple[dict | None, str | None]:
         """The JSON object at ``key`` and its ETag, or (None, None)."""
         try:
-            response = self.s3_client.get_object(Bucket=self.bucket, Key=key)
+            with bucket_must_exist(self.bucket, self.source):
+                response = self.s3_client.get_object(Bucket=self.bucket, Key=key)
         except self.s3_client.exceptions.NoSuchKey:
             return None, None
         return json.loads(response["Body"].read()), response["ETag"]
 
     def _write(self, key: str, data: dict, **condition) -> None:
-        self.s3_client.put_object(Bucket=self.bucket, Key=key, ContentType="application/json",
-                                  Body=json.dumps(data, indent=2, sort_keys=True).encode(), **condition)
+        with bucket_must_exist(self.bucket, self.source):
+            self.s3_client.put_object(Bucket=self.bucket, Key=key, ContentType="application/json",
+                                      Body=json.dumps(data, indent=2, sort_keys=True).encode(), **condition)
 
     def _read_modify_write(self, key: str, change) -> dict:
         for attempt in range(WRITE_ATTEMPTS):
@@ -178,11 +205,12 @@ class ReleaseRegistry:
         """Every recorded version, oldest first."""
         found = []
         paginator = self.s3_client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
-            for item in page.get("Contents", []):
-                name = item["Key"][len(self.prefix):].removesuffix(".json")
-                if _VERSION.match(name):
-                    found.append(name)
+        with bucket_must_exist(self.bucket, self.source):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(self.prefix):].removesuffix(".json")
+                    if _VERSION.match(name):
+                        found.append(name)
         return sorted(found, key=revision_of)
 
     def records(self) -> list[dict]:

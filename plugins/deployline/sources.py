@@ -24,6 +24,12 @@ _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SHA = re.compile(r"^[0-9a-f]{4,40}$")
 _FIELD_SEP = "\x1f"
 _REVERTS = re.compile(r"This reverts commit ([0-9a-f]{7,40})")
+# What git (and the usual servers) print when the credentials are missing or wrong.
+_AUTH_FAILED = re.compile(
+    r"Authentication failed|could not read (Username|Password)|HTTP Basic: Access denied"
+    r"|The requested URL returned error: 40[13]|Permission denied \(publickey",
+    re.IGNORECASE,
+)
 
 
 class GitError(RuntimeError):
@@ -64,6 +70,7 @@ class GitSource:
         self.url = url
         self.branch = branch
         self.timeout = timeout
+        self.conn_id: str | None = None  # the Airflow connection the credentials came from, if any
         self._secrets = [s for s in (password,) if s]
         self._auth_env = {}
         if password:
@@ -85,7 +92,9 @@ class GitSource:
 
             conn = BaseHook.get_connection(conn_id)
             username, password = conn.login, conn.password
-        return cls(url, branch, username, password)
+        source = cls(url, branch, username, password)
+        source.conn_id = conn_id
+        return source
 
     @classmethod
     def from_repository(cls, repository) -> GitSource:
@@ -122,8 +131,21 @@ class GitSource:
             raise GitError("git is not installed (no 'git' on PATH)") from None
         if done.returncode != 0:
             detail = self._clean(done.stderr.strip() or done.stdout.strip())[-2000:]
+            if _AUTH_FAILED.search(detail):
+                detail += f"\n{self._credentials_hint()}"
             raise GitError(f"git {args[0]} failed for repository {self.display_url}: {detail}")
         return done.stdout
+
+    def _credentials_hint(self) -> str:
+        if self.conn_id:
+            return (f"the repository refused the credentials of Airflow connection {self.conn_id!r} "
+                    "(repository.conn_id): check its login and password or token")
+        if self._auth_env:
+            return "the repository refused the credentials given: check the login and password or token"
+        if _USERINFO.search(self.url):
+            return "the repository refused the credentials in its URL (repository.url): check them"
+        return ("the repository needs credentials: set repository.conn_id to an Airflow connection "
+                "with a login and a password or token")
 
     # -- remote questions (no clone) -------------------------------------------------------
     def head(self) -> str:

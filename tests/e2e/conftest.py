@@ -6,6 +6,7 @@ and look at AWS state through the AWS API.  Logs are kept in test-artifacts/e2e/
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import yaml
 from deployline import embedded
 from deployline.airflow_api import AirflowApi
-from harness import APP, ARTIFACTS, BUCKET, E2E, ROOT, STRICT_APP
+from harness import APP, ARTIFACTS, BUCKET, E2E, GIT_CONN, ROOT, SECRETS, STRICT_APP
 from moto.server import ThreadedMotoServer
 
 # moto's request log would drown the test output.
@@ -39,6 +40,7 @@ def e2e(tmp_path_factory):
         pipelines = root / "pipelines"
         pipelines.mkdir()
         config = yaml.safe_load((ROOT / "include" / "pipelines" / f"{APP}.yaml").read_text())
+        config["repository"]["conn_id"] = GIT_CONN  # its token must never show up (test_security)
         # Poll continuously in short pokes, so a push is seen within seconds.
         config["polling"] = {"schedule": "* * * * *", "poke_interval": 3, "timeout": 55}
         # Approvals time out after 3 minutes, so that "no decision is a rejection" can be seen.
@@ -63,6 +65,10 @@ def e2e(tmp_path_factory):
             "DEPLOYLINE_PIPELINES_DIR": str(pipelines),
             "DEPLOYLINE_DEMO_REPO": str(bare),
             "DEPLOYLINE_ARTIFACT_BUCKET": BUCKET,
+            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
+                json.loads(embedded.aws_connection_uri(endpoint)) | {"password": SECRETS["aws secret key"]}),
+            f"AIRFLOW_CONN_{GIT_CONN.upper()}": json.dumps(
+                {"conn_type": "generic", "login": "ci-bot", "password": SECRETS["git token"]}),
         })
         base = embedded.start_airflow(stack, env, ARTIFACTS / "airflow.log")
         api = AirflowApi(base, "admin", embedded.password(home))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,10 @@ ARTIFACTS = ROOT / "test-artifacts" / "e2e"
 CANDIDATE = "3-acceptance.record_candidate"
 ACCEPTANCE_TEARDOWNS = ("3-acceptance.teardown_environment", "3-acceptance.terminate_image_builder")
 FINISHED = ("success", "failed", "upstream_failed", "skipped")
+# Secrets that live only in Airflow connections for the session: a git token for the repository's
+# connection and the AWS secret key of aws_default (moto accepts any). None may show up anywhere.
+SECRETS = {"git token": f"ghp-dl-{secrets.token_hex(12)}", "aws secret key": f"dl-aws-{secrets.token_hex(16)}"}
+GIT_CONN = "deployline_git"
 
 
 @dataclass

@@ -1,6 +1,9 @@
 """A pushed commit is polled, built, tested and stored as an artifact; a failing one is not."""
 
 import hashlib
+import json
+import os
+import signal
 import time
 
 import pytest
@@ -79,25 +82,76 @@ def test_a_commit_that_changes_nothing_is_recorded_and_builds_nothing(e2e):
     assert e2e.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{APP}/artifacts/{e2e.version(sha)}/")["KeyCount"] == 0
 
 
-def test_failing_unit_test_fails_the_commit_stage_and_publishes_nothing(e2e):
-    (sha,) = e2e.push({"tests/unit/test_regression.py": "def test_regression():\n    assert 1 + 1 == 3\n"},
-                      "Add a failing test")
+def commit_locally(e2e, files: dict[str, str | None], message: str) -> str:
+    for name, content in files.items():
+        path = e2e.clone / name
+        if content is None:
+            path.unlink()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+    embedded.git("add", "-A", cwd=e2e.clone)
+    embedded.git("commit", "--quiet", "-m", message, cwd=e2e.clone)
+    return embedded.git("rev-parse", "HEAD", cwd=e2e.clone)
+
+
+def test_commit_stage_faults_fail_cleanly_and_a_killed_worker_is_retried(e2e):
+    """One commit per fault, each built by its own run (Trigger with the commit), side by side:
+    a build that fails, a failing unit test, a static-analysis finding, and a slow build whose
+    worker is killed mid-build (SIGKILL: no cleanup), which Airflow retries.  The head fixes all."""
+    build = (e2e.clone / "build.py").read_text()
+    test = "tests/unit/test_regression.py"
+    faults = {
+        "slow_build": commit_locally(e2e, {"build.py": "import time\ntime.sleep(15)\n" + build}, "Slow build"),
+        "build": commit_locally(e2e, {"build.py": 'raise SystemExit("build broken on purpose")\n' + build},
+                                "Break the build"),
+        "unit_test": commit_locally(e2e, {"build.py": build, test: "def test_regression():\n    assert 1 + 1 == 3\n"},
+                                    "Add a failing test"),
+        "static_analysis": commit_locally(e2e, {test: None, "src/sample_service/leftover.py": "import os\n"},
+                                          "Leave an unused import"),
+    }
+    fix = commit_locally(e2e, {"src/sample_service/leftover.py": None}, "Remove the unused import")
+    embedded.git("push", "--quiet", "origin", "HEAD:main", cwd=e2e.clone)
+    pipeline = f"{APP}_pipeline"
+    runs = {name: e2e.api.trigger(pipeline, conf={"commit": sha}, run_id=f"manual__fault_{name}")["dag_run_id"]
+            for name, sha in faults.items()}
+    e2e.poll_now(fix)
     try:
-        run = e2e.pipeline_run(sha)
-        states = e2e.task_states(run)
-        assert run["state"] == "failed"
-        assert states["2-commit.unit_test"] == "failed"
-        assert states["2-commit.publish_artifact"] == "upstream_failed"
-        assert states["2-commit.clean_workspace"] == "success"  # the teardown ran anyway
-        assert states["3-acceptance.select_inputs"] == "upstream_failed"
-        version = e2e.version(sha)
-        assert e2e.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{APP}/artifacts/{version}/")["KeyCount"] == 0
-        record = e2e.record(version)
-        assert "artifact" not in record
-        assert record["stages"]["2-commit"] == record["stages"]["2-commit"] | {
-            "result": "failed", "task": "2-commit.unit_test"}
-        assert "exited with code 1" in record["stages"]["2-commit"]["error"]
+        # Kill the slow build's task process while its command runs.
+        slow = runs["slow_build"]
+        build_ti = f"/dags/{pipeline}/dagRuns/{slow}/taskInstances/2-commit.build"
+        embedded.wait_until(lambda: e2e.api.get(build_ti)["state"] == "running" and e2e.api.get(build_ti)["pid"],
+                            240, "the slow build to run", interval=0.5)
+        time.sleep(3)  # well inside its 15 s
+        os.kill(e2e.api.get(build_ti)["pid"], signal.SIGKILL)
+
+        done = {name: e2e.api.wait_for_run(pipeline, run_id, timeout=400) for name, run_id in runs.items()
+                if name != "slow_build"}
+        for name, run in done.items():
+            states = e2e.task_states(run)
+            assert run["state"] == "failed", (name, states)
+            assert states[f"2-commit.{name}"] == "failed", (name, states)
+            assert states["2-commit.publish_artifact"] == "upstream_failed", (name, states)
+            assert states["2-commit.clean_workspace"] == "success", (name, states)  # the teardown ran anyway
+            assert states["3-acceptance.select_inputs"] == "upstream_failed", (name, states)
+            version = e2e.version(faults[name])
+            assert e2e.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{APP}/artifacts/{version}/")["KeyCount"] == 0
+            record = e2e.record(version)
+            assert "artifact" not in record
+            assert record["stages"]["2-commit"] | {"result": "failed", "task": f"2-commit.{name}"} \
+                == record["stages"]["2-commit"], (name, record["stages"])
+            assert "exited with code 1" in record["stages"]["2-commit"]["error"]
+        # A failing command is final: no second try.
+        tries = {name: e2e.api.get(f"/dags/{pipeline}/dagRuns/{runs[name]}/taskInstances/2-commit.{name}")
+                 ["try_number"] for name in done}
+        assert tries == {name: 1 for name in done}, tries
+
+        # The killed build was retried, its retry stopped what the lost try left, and it published.
+        e2e.wait_for_tasks(slow, ("2-commit.publish_artifact",))
+        retried = e2e.api.get(build_ti)
+        assert (retried["state"], retried["try_number"]) == ("success", 2), retried
+        log = e2e.api.get(f"{build_ti}/logs/2", full_content="true")
+        assert "left running by an earlier try of this command" in json.dumps(log)
+        assert e2e.record(e2e.version(faults["slow_build"]))["artifact"]["sha256"]
     finally:
-        (fix,) = e2e.push({"tests/unit/test_regression.py": "def test_regression():\n    assert 1 + 1 == 2\n"},
-                          "Fix the test")
         assert e2e.candidate_run(fix)[1][CANDIDATE] == "success"

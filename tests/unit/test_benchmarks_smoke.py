@@ -28,7 +28,7 @@ def test_capacity_and_switch_benchmark_runs():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "capacity_and_switch.py"), "--quick"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout)
+    result = json.loads(done.stdout.strip().splitlines()[-1])  # the JSON is the last line
     assert result["capacity_size_2"]["expected"]["requests"] > 0
     assert result["locust_ceiling"]["requests"] > 0
     assert result["blue_green"]["switches"] == 1 and result["blue_green"]["requests"] > 0

@@ -41,3 +41,47 @@ def test_pipefail_catches_failures_inside_pipelines(tmp_path):
 def test_missing_working_folder(tmp_path):
     with pytest.raises(CommandFailed, match="working folder .*nope does not exist"):
         run_command("true", tmp_path / "nope", 10)
+
+
+def test_a_failing_command_is_final_for_airflow(tmp_path):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException):  # no retry: a failing build fails again
+        run_command("exit 3", tmp_path, 10)
+
+
+def test_a_retry_stops_what_a_killed_try_left_running(tmp_path, monkeypatch, caplog):
+    """The task running a command is killed (SIGKILL, no cleanup): the command's group lives on
+    until the retry of the same command in the same folder stops it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    monkeypatch.setenv("DEPLOYLINE_WORK_DIR", str(tmp_path / "work"))
+    command = "sleep ${NAP:-60}"
+    task = subprocess.Popen([sys.executable, "-c", "import sys; from deployline.commands import run_command; "
+                             "run_command(sys.argv[1], sys.argv[2], 120)", command, str(tmp_path)],
+                            env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    markers = tmp_path / "work" / "commands"
+    deadline = time.monotonic() + 30
+    while not list(markers.glob("*.pgid")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (marker,) = markers.glob("*.pgid")
+    group = int(marker.read_text().split()[0])
+    task.send_signal(signal.SIGKILL)
+    task.wait()
+    assert psutil.pid_exists(group)  # the killed try's command is still running
+
+    caplog.set_level(logging.WARNING)
+    run_command(command, tmp_path, 10, env={"NAP": "0"})
+    assert f"stopped process group {group}, left running by an earlier try of this command" in caplog.messages
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(group) and psutil.Process(group).status() != psutil.STATUS_ZOMBIE \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not psutil.pid_exists(group) or psutil.Process(group).status() == psutil.STATUS_ZOMBIE
+    assert not list(markers.glob("*.pgid"))  # nothing noted once the command has finished

@@ -114,3 +114,15 @@ def test_production_attempts_are_appended(s3):
     record = registry.add_deployment("r5-abcdef1234", {"result": "deployed", "at": "t2"})
     assert [d["result"] for d in record["deployments"]] == ["rolled_back", "deployed"]
     assert record["rollback"] == {"phase": "verify"}
+
+
+def test_a_stage_that_skips_after_starting_is_closed_as_skipped(s3):
+    registry = ReleaseRegistry(s3, BUCKET, "shop")
+    registry.stage_started("r8-abcdef1234", "3-acceptance", "run-1")
+    # Another run's skip, or a stage already finished, is left alone.
+    registry.stage_skipped("r8-abcdef1234", "3-acceptance", "run-0", "nothing to do")
+    assert registry.get("r8-abcdef1234")["stages"]["3-acceptance"]["result"] == "running"
+    record = registry.stage_skipped("r8-abcdef1234", "3-acceptance", "run-1", "nothing was built")
+    entry = record["stages"]["3-acceptance"]
+    assert (entry["result"], entry["reason"], entry["run_id"]) == ("skipped", "nothing was built", "run-1")
+    assert entry["started_at"] <= entry["finished_at"]

@@ -25,6 +25,9 @@ def test_only_the_first_tasks_of_each_stage_record_its_start():
             firsts.setdefault(task.task_id.split(".")[0], []).append(task.task_id)
     assert set(firsts) == set(STAGES)
     assert firsts["2-commit"] == ["2-commit.checkout"] and firsts["6-capacity"] == ["6-capacity.provision_environment"]
+    skippers = [t.task_id for t in dag.tasks
+                if any(getattr(c, "__name__", "") == "record_skip" for c in t.on_skipped_callback or [])]
+    assert sorted(skippers) == sorted(t for ids in firsts.values() for t in ids)  # the first tasks only
     for stage, task_ids in firsts.items():
         for task_id in task_ids:
             task = dag.get_task(task_id)

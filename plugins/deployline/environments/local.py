@@ -160,6 +160,8 @@ class LocalDriver(EnvironmentDriver):
                 raise EnvironmentFailed(f"environment {spec.name}: cannot restart a process: {exc}") from exc
             if state["version"] != spec.version:
                 state = self._replace_release(state, spec)
+            else:
+                state = self._finish_replacement(state)
             return self._info(self._resize(state, spec.size))
 
     # ------------------------------------------------------------------ production address (blue/green)
@@ -263,6 +265,24 @@ class LocalDriver(EnvironmentDriver):
             shutil.rmtree(self._folder(spec.name) / folder, ignore_errors=True)
         return state
 
+    def _finish_replacement(self, state: dict) -> dict:
+        """Finish what ``_replace_release`` left when it was killed: the state says the new version and
+        holds its workers, but also the old ones (and the proxy may still send to those)."""
+        release = _release_dir(state["version"])
+        workers = _workers(state)
+        old = [w for w in workers if w.get("release", "release") != release]
+        if not old or len(old) == len(workers):
+            return state
+        new = [w for w in workers if w not in old]
+        self._wait_listening(state["name"], new)  # _restart_dead may just have started them again
+        self.set_backends(state["name"], [w["port"] for w in new])
+        state["processes"] = [p for p in state["processes"] if p not in old]
+        self._write_state(state)
+        time.sleep(SWITCH_GRACE)  # as in _replace_release: new requests go to the new workers first
+        _stop(old)
+        for folder in {w.get("release", "release") for w in old} - {release}:
+            shutil.rmtree(self._folder(state["name"]) / folder, ignore_errors=True)
+        return state
 
     def _create(self, spec: EnvironmentSpec) -> EnvironmentInfo:
         folder = self._folder(spec.name)

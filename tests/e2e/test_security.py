@@ -1,0 +1,47 @@
+"""Secrets stay in Airflow connections: none shows up in a task log, an XCom or the registry."""
+
+import base64
+import sqlite3
+
+import pytest
+from harness import BUCKET, SECRETS
+
+pytestmark = pytest.mark.e2e
+
+
+def forms(secret: str) -> list[str]:
+    """The secret and the encodings it travels in (git's Basic authorization header)."""
+    return [secret, base64.b64encode(f"ci-bot:{secret}".encode()).decode()]
+
+
+def test_connection_secrets_never_leak(e2e):
+    # Every run of the session so far used both: the repository's connection on every git call
+    # (poll, resolve, checkout) and aws_default on every AWS call.
+    wanted = {name: forms(secret) for name, secret in SECRETS.items()}
+    found = []
+
+    logs = [p for p in (e2e.home / "logs").rglob("*") if p.is_file()]
+    for path in logs:
+        text = path.read_text(errors="replace")
+        found += [(name, str(path)) for name, values in wanted.items() if any(v in text for v in values)]
+
+    with sqlite3.connect(f"file:{e2e.home / 'airflow.db'}?mode=ro", uri=True, timeout=60) as db:
+        xcoms = db.execute("SELECT dag_id, run_id, task_id, key, value FROM xcom").fetchall()
+    for dag_id, run_id, task_id, key, value in xcoms:
+        text = value if isinstance(value, str) else bytes(value or b"").decode(errors="replace")
+        found += [(name, f"xcom {dag_id}/{run_id}/{task_id}/{key}") for name, values in wanted.items()
+                  if any(v in text for v in values)]
+
+    records = 0
+    for page in e2e.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for item in page.get("Contents", []):
+            if not item["Key"].endswith((".json", ".csv", ".html", ".txt", ".log")):
+                continue  # artifacts (tarballs) are built from the repository, which holds no secret
+            records += 1
+            body = e2e.s3.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read().decode(errors="replace")
+            found += [(name, f"s3://{BUCKET}/{item['Key']}") for name, values in wanted.items()
+                      if any(v in body for v in values)]
+
+    # The scan really read something: task logs of several DAGs, XComs and release records.
+    assert len(logs) > 20 and len(xcoms) > 20 and records > 3, (len(logs), len(xcoms), records)
+    assert found == [], found

@@ -1,0 +1,830 @@
+"""Least privilege: ``include/iam/deployline-pipeline-policy.json`` grants exactly the AWS actions the code calls.
+
+The actions are collected statically (``ast``) from ``plugins/deployline/**/*.py`` and ``dags/*.py``:
+
+* boto3 clients: from ``deployline.aws`` (``aws.s3(config)``, ``aws.client(config, "sns")``, ...), from
+  provider hooks (``S3Hook(...).get_conn()``, ``EC2Hook(...).conn``, ``AwsBaseHook(client_type=...)``,
+  subclasses of them) and ``boto3``/session ``.client("<service>")``; held in variables, attributes and
+  parameters whose names follow the code's conventions (``s3_client``, ``self.cfn``, ``clients.ssm``, ...),
+  or passed as arguments to a function whose parameter has a generic name (``client``);
+* every method called on such a client, checked against botocore's service model (``xform_name``),
+  ``get_paginator("<op>")`` and ``get_waiter("<name>")`` (botocore's waiter models, and the custom waiters
+  in ``plugins/deployline/waiters/``, also when named by ``waiter_name=`` as the provider's triggers do);
+* the provider operators/triggers the DAGs use, from the explicit table ``PROVIDER_CLASSES``.
+
+A call that looks like an AWS operation but cannot be attributed to a client fails the test (listed in
+the message), as does a method on a client that is no operation, an unresolvable service or waiter name,
+or an amazon provider class missing from ``PROVIDER_CLASSES``: nothing is skipped silently.
+
+``python tests/unit/test_iam_policy.py`` prints the collected operations and actions.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import botocore.session
+import pytest
+from botocore import xform_name
+
+ROOT = Path(__file__).resolve().parents[2]
+POLICY = ROOT / "include" / "iam" / "deployline-pipeline-policy.json"
+SOURCES = [ROOT / "plugins" / "deployline", ROOT / "dags"]
+CUSTOM_WAITERS = ROOT / "plugins" / "deployline" / "waiters"  # <service>.json, provider waiter format
+
+# --- how the code names its clients ----------------------------------------------------------------
+
+# Variable, attribute and parameter names that hold a boto3 client of a service (by convention).
+CLIENT_NAMES = {
+    "s3": "s3", "s3_client": "s3",
+    "ec2": "ec2", "ec2_client": "ec2",
+    "ssm": "ssm", "ssm_client": "ssm",
+    "cfn": "cloudformation", "cfn_client": "cloudformation", "cloudformation": "cloudformation",
+    "autoscaling": "autoscaling", "autoscaling_client": "autoscaling",
+    "elbv2": "elbv2", "elbv2_client": "elbv2",
+    "sns": "sns", "sns_client": "sns",
+    "cloudwatch": "cloudwatch", "cloudwatch_client": "cloudwatch",
+}
+# Provider hooks whose ``.conn`` / ``.get_conn()`` is a client of a service (AwsBaseHook: its client_type).
+HOOK_SERVICES = {"S3Hook": "s3", "EC2Hook": "ec2", "SsmHook": "ssm", "CloudFormationHook": "cloudformation",
+                 "SnsHook": "sns", "AwsBaseHook": None}
+
+# Client methods that are no API operation themselves.
+CLIENT_HELPERS = {"get_paginator", "get_waiter", "can_paginate", "close"}
+
+# S3 transfer methods boto3 adds to the client: the operations they call (s3transfer; multipart above 8 MB,
+# aborted on failure).
+S3_TRANSFER = {
+    "upload_file": ["PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload",
+                    "AbortMultipartUpload"],
+    "download_file": ["HeadObject", "GetObject"],
+}
+
+# --- the calls made for us by provider operators and triggers ---------------------------------------
+
+# Every class imported from airflow.providers.amazon in the code, with the actions it performs itself.
+# Hooks only make clients (their calls are collected through the clients); AwsBaseWaiterTrigger runs the
+# waiter its subclass names with ``waiter_name=`` (resolved from the waiter files below: AmiAvailableTrigger
+# -> custom waiter ec2 "image_available" -> DescribeImages).
+PROVIDER_CLASSES = {
+    "S3Hook": set(),
+    "EC2Hook": set(),
+    "SsmHook": set(),
+    "CloudFormationHook": set(),
+    "AwsBaseHook": set(),
+    "AwsBaseWaiterTrigger": set(),
+    # SnsPublishOperator.execute -> SnsHook.publish_to_target -> sns.publish (approvals.py).
+    "SnsPublishOperator": {("sns", "Publish")},
+}
+
+# Functions that talk only to the embedded demo's moto server, with fixed test keys: never with the
+# pipeline role. Their calls are listed in the report, not required of the policy.
+DEMO_ONLY = {
+    ("deployline.cli", "_production_address"),  # python -m deployline demo: reads the demo's moto S3
+    ("deployline.embedded", "ensure_bucket"),  # creates the demo's bucket in moto
+}
+
+# --- from API operations to IAM actions ------------------------------------------------------------
+
+# IAM service prefixes that differ from boto3's service names.
+IAM_PREFIX = {"elbv2": "elasticloadbalancing"}
+
+# S3 operations whose IAM action differs from the operation name (every S3 operation the code calls must
+# be listed: S3 differs too often to assume the name).
+S3_ACTIONS = {
+    # GetObject/HeadObject: with s3:ListBucket a missing key answers 404 NoSuchKey, which the code relies on
+    # (artifacts.head, ReleaseRegistry._read); without it S3 answers 403 AccessDenied.
+    "GetObject": {"s3:GetObject", "s3:ListBucket"},
+    "HeadObject": {"s3:GetObject", "s3:ListBucket"},
+    "PutObject": {"s3:PutObject"},  # also with IfMatch / IfNoneMatch (conditional writes) and checksums
+    "CreateMultipartUpload": {"s3:PutObject"},
+    "UploadPart": {"s3:PutObject"},
+    "CompleteMultipartUpload": {"s3:PutObject"},
+    "AbortMultipartUpload": {"s3:AbortMultipartUpload"},
+    "ListObjectsV2": {"s3:ListBucket"},
+    "HeadBucket": {"s3:ListBucket"},
+    "ListObjectVersions": {"s3:ListBucketVersions"},
+    # infrastructure._empty_bucket deletes object versions and delete markers (VersionId given).
+    "DeleteObjects": {"s3:DeleteObject", "s3:DeleteObjectVersion"},
+}
+
+# Further actions IAM authorizes for a call, because of the parameters the code passes.
+IMPLIED = {
+    # images.launch_builder: TagSpecifications (tag on create) and IamInstanceProfile (baking.instance_profile).
+    "ec2:RunInstances": {"ec2:CreateTags", "iam:PassRole"},
+    # images.create_image: TagSpecifications for the image and its snapshots.
+    "ec2:CreateImage": {"ec2:CreateTags"},
+}
+
+# Actions the policy may grant on "Resource": "*".
+STAR_RESOURCE = {
+    # AWS supports no resource-level permissions for these (checked against cfn-lint's copy of the
+    # Service Authorization Reference below): "*" is the only resource they match.
+    "autoscaling:DescribeAutoScalingGroups",
+    "ec2:DescribeImages",
+    "ec2:DescribeInstances",
+    "elasticloadbalancing:DescribeListeners",
+    "elasticloadbalancing:DescribeTargetHealth",
+    "ssm:CancelCommand",
+    "ssm:GetCommandInvocation",
+    # Called without StackName (CloudFormationDriver.list pages through every stack), which IAM
+    # authorizes against "*" only.
+    "cloudformation:DescribeStacks",
+    # Metrics are no resource (the "dataset" resource type is for other calls); the policy narrows it with
+    # the cloudwatch:namespace condition instead.
+    "cloudwatch:PutMetricData",
+}
+
+
+# Condition keys AWS documents for the action itself rather than for a resource type.
+ACTION_CONDITION_KEYS = {
+    "ec2:CreateTags": {"ec2:CreateAction"},
+    "iam:PassRole": {"iam:PassedToService"},
+    "cloudwatch:PutMetricData": {"cloudwatch:namespace"},
+}
+
+
+# --- botocore ---------------------------------------------------------------------------------------
+
+
+@cache
+def _session():
+    return botocore.session.get_session()
+
+
+@cache
+def operations(service: str) -> dict[str, str]:
+    """snake_case method name -> operation name."""
+    model = _session().get_service_model(service)
+    return {xform_name(name): name for name in model.operation_names}
+
+
+@cache
+def paginates(service: str, operation: str) -> bool:
+    try:
+        _session().get_paginator_model(service).get_paginator(operation)
+    except Exception:  # no paginator for it (or none for the service)
+        return False
+    return True
+
+
+@cache
+def waiters(service: str) -> dict[str, str]:
+    """Waiter name as clients and hooks take it -> the operation it polls (custom waiters too)."""
+    found = {}
+    try:
+        model = _session().get_waiter_model(service)
+        found = {xform_name(name): model.get_waiter(name).operation for name in model.waiter_names}
+    except Exception:  # a service without waiters
+        pass
+    custom = CUSTOM_WAITERS / f"{service}.json"
+    if custom.exists():
+        found.update({name: spec["operation"] for name, spec in json.loads(custom.read_text())["waiters"].items()})
+    return found
+
+
+def custom_waiter_services() -> dict[str, str]:
+    """Custom waiter name -> its service (the file's name)."""
+    return {name: path.stem for path in sorted(CUSTOM_WAITERS.glob("*.json"))
+            for name in json.loads(path.read_text())["waiters"]}
+
+
+def iam_actions(service: str, operation: str) -> set[str]:
+    if service == "s3":
+        if operation not in S3_ACTIONS:
+            raise KeyError(f"S3 operation {operation}: add its IAM action(s) to S3_ACTIONS")
+        actions = set(S3_ACTIONS[operation])
+    else:
+        actions = {f"{IAM_PREFIX.get(service, service)}:{operation}"}
+    for action in list(actions):
+        actions |= IMPLIED.get(action, set())
+    return actions
+
+
+# --- the static collection -------------------------------------------------------------------------
+
+
+@dataclass
+class Function:
+    qualname: str
+    module: str
+    node: ast.AST  # FunctionDef, or the Module for module-level code
+    cls: str | None  # enclosing class (methods)
+    parent: Function | None  # enclosing function (nested defs)
+    params: list[str] = field(default_factory=list)
+    own: list[ast.AST] = field(default_factory=list)  # nodes of its body, not of nested defs/classes
+
+
+@dataclass
+class Module:
+    name: str
+    path: Path
+    tree: ast.Module
+    modules: dict[str, str] = field(default_factory=dict)  # local name -> imported module
+    names: dict[str, str] = field(default_factory=dict)  # local name -> imported "module.attr"
+    constants: dict[str, ast.AST] = field(default_factory=dict)  # module-level NAME = <expr>
+
+
+@dataclass
+class Collected:
+    operations: dict[tuple[str, str], set[str]] = field(default_factory=lambda: defaultdict(set))  # -> where
+    demo: dict[tuple[str, str], set[str]] = field(default_factory=lambda: defaultdict(set))
+    unattributed: list[str] = field(default_factory=list)  # looks like an AWS call, client unknown
+    unknown: list[str] = field(default_factory=list)  # a client call that is no operation, or unresolvable
+    provider_classes: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # class -> modules
+    demo_functions_seen: set[tuple[str, str]] = field(default_factory=set)
+
+    def actions(self) -> dict[str, set[str]]:
+        """IAM action -> where it comes from."""
+        found: dict[str, set[str]] = defaultdict(set)
+        for (service, operation), where in self.operations.items():
+            for action in iam_actions(service, operation):
+                found[action] |= where
+        return found
+
+
+def _own_nodes(body: list[ast.AST]) -> list[ast.AST]:
+    """Every node of ``body`` that runs in its scope: not the bodies of nested functions (they are
+    functions of their own), but class bodies' statements other than methods."""
+    found, stack = [], list(body)
+    while stack:
+        node = stack.pop()
+        found.append(node)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            stack.extend(n for n in node.decorator_list + node.args.defaults + node.args.kw_defaults if n)
+            continue
+        if isinstance(node, ast.ClassDef):
+            stack.extend(node.decorator_list + node.bases + node.keywords)
+            stack.extend(n for n in node.body if not isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def _module_name(path: Path) -> str:
+    for root in SOURCES:
+        if path.is_relative_to(root):
+            parts = path.relative_to(root.parent).with_suffix("").parts
+            return ".".join(p for p in parts if p != "__init__")
+    raise ValueError(path)
+
+
+def _where(module: Module, node: ast.AST) -> str:
+    return f"{module.path.relative_to(ROOT)}:{node.lineno}"
+
+
+class Collector:
+    def __init__(self, paths: list[Path]):
+        self.modules: dict[str, Module] = {}
+        self.functions: dict[str, Function] = {}
+        self.classes: dict[str, ast.ClassDef] = {}  # "module.Class"
+        for path in paths:
+            module = Module(_module_name(path), path, ast.parse(path.read_text(encoding="utf-8"), str(path)))
+            self.modules[module.name] = module
+        for module in self.modules.values():
+            self._index(module)
+        self.hooks = self._hook_classes()
+        self.bindings: dict[str, dict[str, object]] = defaultdict(dict)  # qualname -> param -> kind
+        self.conflicts: list[str] = []
+        self.factories: dict[str, object] = {}  # qualname -> service, or ("param", name)
+        self.result = Collected()
+
+    # --- indexing
+
+    def _index(self, module: Module) -> None:
+        for node in ast.walk(module.tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    module.modules[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else \
+                        alias.name.split(".")[0]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    local = alias.asname or alias.name
+                    if self._is_module(full):
+                        module.modules[local] = full
+                    else:
+                        module.names[local] = full
+        for node in module.tree.body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                module.constants[node.targets[0].id] = node.value
+        top = Function(module.name, module.name, module.tree, None, None, [], _own_nodes(module.tree.body))
+        self.functions[f"{module.name}.<module>"] = top
+        self._index_body(module, module.tree.body, module.name, None, None)
+
+    def _is_module(self, name: str) -> bool:
+        # The code's own modules; anything else imported by ``from x import y`` counts as a name (a receiver
+        # that is an imported module or name is skipped either way, see _call).
+        return name in self.modules
+
+    def _index_body(self, module, body, prefix, cls, parent) -> None:
+        for node in body:
+            if isinstance(node, ast.ClassDef):
+                self.classes[f"{prefix}.{node.name}"] = node
+                self._index_body(module, node.body, f"{prefix}.{node.name}", node.name, parent)
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                args = node.args
+                params = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+                function = Function(f"{prefix}.{node.name}", module.name, node, cls, parent, params,
+                                    _own_nodes(node.body))
+                self.functions[function.qualname] = function
+                self._index_body(module, node.body, f"{function.qualname}.<locals>", None, function)
+
+    def _hook_classes(self) -> dict[str, str | None]:
+        """Provider hook class names, and the code's subclasses of them, with their service."""
+        hooks = dict(HOOK_SERVICES)
+        changed = True
+        while changed:
+            changed = False
+            for node in self.classes.values():
+                for base in node.bases:
+                    name = base.id if isinstance(base, ast.Name) else getattr(base, "attr", None)
+                    if name in hooks and node.name not in hooks:
+                        hooks[node.name] = hooks[name]
+                        changed = True
+        return hooks
+
+    # --- resolving names
+
+    def resolve(self, function: Function, func: ast.AST) -> tuple[str | None, int]:
+        """The function a call calls (qualname) and how many leading parameters the call binds itself."""
+        module = self.modules[function.module]
+        if isinstance(func, ast.Name):
+            for candidate in (f"{module.name}.{func.id}", module.names.get(func.id, "")):
+                if candidate in self.functions:
+                    return candidate, 0
+                if candidate in self.classes and f"{candidate}.__init__" in self.functions:
+                    return f"{candidate}.__init__", 1
+        elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            owner = func.value.id
+            if owner in module.modules:
+                candidate = f"{module.modules[owner]}.{func.attr}"
+                if candidate in self.functions:
+                    return candidate, 0
+            if owner in ("self", "cls"):
+                cls_function = function
+                while cls_function is not None and cls_function.cls is None:
+                    cls_function = cls_function.parent
+                if cls_function is not None:
+                    candidate = cls_function.qualname.rsplit(".", 1)[0] + f".{func.attr}"
+                    if candidate in self.functions:
+                        return candidate, 1
+        return None, 0
+
+    def env(self, function: Function) -> dict[str, object]:
+        """Local name -> kind (a service name, ("hook", service) or ("param", name)), outer scopes first."""
+        env = dict(self.env(function.parent)) if function.parent else {}
+        env.update(self.bindings.get(function.qualname, {}))
+        for _ in range(2):  # assignments that use earlier ones
+            for node in function.own:
+                if isinstance(node, ast.Assign):
+                    for target in node.targets:
+                        self._bind(function, env, target, node.value)
+        return env
+
+    def _bind(self, function, env, target, value) -> None:
+        if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple) and len(target.elts) == len(value.elts):
+            for t, v in zip(target.elts, value.elts, strict=True):
+                self._bind(function, env, t, v)
+        elif isinstance(target, ast.Name):
+            kind = self.kind(function, env, value)
+            if kind is not None:
+                env[target.id] = kind
+
+    def strings(self, function: Function, expr: ast.AST) -> set[str] | None:
+        """The string values ``expr`` can have, when the code spells them out (None: it does not)."""
+        module = self.modules[function.module]
+        if isinstance(expr, ast.Constant) and isinstance(expr.value, str):
+            return {expr.value}
+        if isinstance(expr, ast.Tuple | ast.List):
+            values = [self.strings(function, e) for e in expr.elts]
+            return set().union(*values) if values and all(v is not None for v in values) else None
+        if isinstance(expr, ast.Name):
+            scope = function
+            while scope is not None:
+                for node in scope.own:
+                    if isinstance(node, ast.Assign) and any(
+                            isinstance(t, ast.Name) and t.id == expr.id for t in node.targets):
+                        return self.strings(function, node.value)
+                    if isinstance(node, ast.comprehension | ast.For) and isinstance(node.target, ast.Name) \
+                            and node.target.id == expr.id:
+                        return self.strings(function, node.iter)
+                scope = scope.parent
+            if expr.id in module.constants:
+                return self.strings(function, module.constants[expr.id])
+        return None
+
+    def kind(self, function: Function, env: dict, expr: ast.AST) -> object:
+        """What ``expr`` is: a client of a service (its name), a hook (("hook", service)), or None."""
+        module = self.modules[function.module]
+        if isinstance(expr, ast.Name):
+            return env.get(expr.id, CLIENT_NAMES.get(expr.id))
+        if isinstance(expr, ast.Attribute):
+            if expr.attr == "conn":
+                inner = self.kind(function, env, expr.value)
+                if isinstance(inner, tuple) and inner[0] == "hook":
+                    return inner[1]
+            return CLIENT_NAMES.get(expr.attr)
+        if not isinstance(expr, ast.Call):
+            return None
+        func = expr.func
+        if isinstance(func, ast.Attribute) and func.attr == "get_conn":
+            inner = self.kind(function, env, func.value)
+            if isinstance(inner, tuple) and inner[0] == "hook":
+                return inner[1]
+        hook = func.id if isinstance(func, ast.Name) else None
+        if hook in self.hooks and (hook in module.names or f"{module.name}.{hook}" in self.classes):
+            service = self.hooks[hook]
+            if service is None:  # AwsBaseHook(client_type=...)
+                arg = next((k.value for k in expr.keywords if k.arg == "client_type"), None)
+                service = self._service_arg(function, arg)
+            return ("hook", service) if service is not None else None
+        if isinstance(func, ast.Attribute) and func.attr == "client" and expr.args:
+            owner = func.value
+            if isinstance(owner, ast.Name) and (module.modules.get(owner.id) == "boto3" or "session" in owner.id):
+                return self._service_arg(function, expr.args[0])
+        callee, skip = self.resolve(function, func)
+        if callee in self.factories:
+            made = self.factories[callee]
+            if isinstance(made, tuple):  # the service is a parameter of the factory
+                params = self.functions[callee].params[skip:]
+                index = params.index(made[1])
+                arg = next((k.value for k in expr.keywords if k.arg == made[1]), None)
+                if arg is None and index < len(expr.args):
+                    arg = expr.args[index]
+                return self._service_arg(function, arg, (callee, made[1]))
+            return made
+        return None
+
+    def _service_arg(self, function: Function, arg: ast.AST | None, param: tuple | None = None):
+        """A service name given as an argument: a constant, or a parameter of the enclosing function."""
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            return arg.value
+        if isinstance(arg, ast.Name) and arg.id in function.params:
+            return ("param", arg.id)
+        values = self.strings(function, arg) if arg is not None else None
+        if values and len(values) == 1:
+            return next(iter(values))
+        if values:  # one of several (clients_from_boto3 makes a client per name of a tuple): named by use
+            return ("many", frozenset(values))
+        where = _where(self.modules[function.module], arg) if arg is not None else function.qualname
+        what = f"{param[0]}({param[1]}=...)" if param else "client"
+        self.result.unknown.append(f"{where}: {what}: cannot tell the service from {ast.unparse(arg) if arg else '?'}")
+        return None
+
+    # --- the passes
+
+    def _calls(self, function: Function):
+        return [n for n in function.own if isinstance(n, ast.Call)]
+
+    def propagate(self) -> None:
+        """Factories (functions returning a client) and parameters bound to clients by callers, to a fixpoint."""
+        for _ in range(10):
+            before = (dict(self.factories), {k: dict(v) for k, v in self.bindings.items()})
+            for function in self.functions.values():
+                env = self.env(function)
+                if isinstance(function.node, ast.FunctionDef):
+                    for node in function.own:
+                        if isinstance(node, ast.Return) and node.value is not None:
+                            made = self.kind(function, env, node.value)
+                            if isinstance(made, str) or (isinstance(made, tuple) and made[0] == "param"):
+                                self.factories[function.qualname] = made
+                for call in self._calls(function):
+                    callee, skip = self.resolve(function, call.func)
+                    if callee is None:
+                        continue
+                    params = self.functions[callee].params[skip:]
+                    pairs = list(zip(params, call.args, strict=False)) + [
+                        (k.arg, k.value) for k in call.keywords if k.arg in params]
+                    for param, arg in pairs:
+                        if isinstance(arg, ast.Starred):
+                            continue
+                        made = self.kind(function, env, arg)
+                        if not isinstance(made, str):
+                            continue
+                        named = CLIENT_NAMES.get(param)
+                        if named is not None and named != made:
+                            self.conflicts.append(f"{_where(self.modules[function.module], call)}: a {made} client "
+                                                  f"passed as {callee}({param}), a {named} client by its name")
+                        elif named is None:
+                            self.bindings[callee][param] = made
+            if before == (self.factories, {k: dict(v) for k, v in self.bindings.items()}):
+                return
+        raise AssertionError("client propagation did not settle")
+
+    def collect(self) -> Collected:
+        self.result = Collected()
+        self.propagate()
+        self.result.unknown.clear()  # the final pass reports each problem once
+        services = self._services()
+        candidates = {method: sorted(s for s in services if method in operations(s))
+                      for s in services for method in operations(s)}
+        for function in self.functions.values():
+            module = self.modules[function.module]
+            top = function
+            while top.parent is not None:
+                top = top.parent
+            demo = (module.name, top.qualname.rsplit(".", 1)[-1]) if top.node is not module.tree else None
+            if demo in DEMO_ONLY:
+                self.result.demo_functions_seen.add(demo)
+            sink = self.result.demo if demo in DEMO_ONLY else self.result.operations
+            env = self.env(function)
+            for call in self._calls(function):
+                self._call(function, module, env, call, sink, candidates)
+        for module in self.modules.values():
+            for local, full in module.names.items():
+                if full.startswith("airflow.providers.amazon."):
+                    self.result.provider_classes[local].add(module.name)
+        for name in self.result.provider_classes:
+            for service, operation in PROVIDER_CLASSES.get(name, set()):
+                self.result.operations[(service, operation)].add(f"{name} (PROVIDER_CLASSES)")
+        return self.result
+
+    def _services(self) -> set[str]:
+        """Every service the code makes a client of, or names a client after."""
+        services = set(CLIENT_NAMES.values())
+        for function in self.functions.values():
+            env = self.env(function)
+            for call in self._calls(function):
+                made = self.kind(function, env, call)
+                if isinstance(made, str):
+                    services.add(made)
+        return services
+
+    def _call(self, function, module, env, call, sink, candidates) -> None:
+        where = _where(module, call)
+        for keyword in call.keywords:  # a provider trigger/hook running a waiter by name
+            if keyword.arg == "waiter_name":
+                names = self.strings(function, keyword.value) or set()
+                custom = custom_waiter_services()
+                if not names or not names <= set(custom):
+                    self.result.unknown.append(f"{where}: waiter_name={ast.unparse(keyword.value)}: not a custom "
+                                               f"waiter in {CUSTOM_WAITERS.relative_to(ROOT)}")
+                for name in names & set(custom):
+                    sink[(custom[name], waiters(custom[name])[name])].add(f"{where} (waiter {name})")
+        func = call.func
+        if not isinstance(func, ast.Attribute):
+            return
+        receiver, method = func.value, func.attr
+        if isinstance(receiver, ast.Name) and (receiver.id in module.modules or receiver.id in module.names):
+            return  # a module's function (deployline's own are followed through their parameters)
+        service = self.kind(function, env, receiver)
+        if isinstance(service, tuple):
+            if service[0] == "hook":
+                if method != "get_conn":  # hook methods (S3Hook.load_file, ...) make calls of their own
+                    self.result.unknown.append(f"{where}: {ast.unparse(func)}(): a provider hook method, whose "
+                                               "AWS calls are not collected; call the client instead")
+            elif function.qualname not in self.factories:
+                which = sorted(service[1]) if service[0] == "many" else service[1]
+                self.result.unknown.append(f"{where}: {ast.unparse(func)}(): cannot tell the client's service "
+                                           f"({service[0]}: {which})")
+            return
+        if not isinstance(service, str):
+            if method in candidates:
+                self.result.unattributed.append(
+                    f"{where}: {ast.unparse(func)}() looks like {'/'.join(candidates[method])} "
+                    f"{operations(candidates[method][0])[method]}, but its client is unknown")
+            return
+        try:
+            ops = operations(service)
+        except Exception as exc:
+            self.result.unknown.append(f"{where}: {ast.unparse(func)}(): no botocore service {service!r}: {exc}")
+            return
+        if method in CLIENT_HELPERS:
+            if method not in ("get_paginator", "get_waiter"):
+                return
+            names = self.strings(function, call.args[0]) if call.args else None
+            if names is None and method == "get_waiter":
+                # A waiter name passed in: every waiter of the service the module spells out.
+                names = {n.value for n in ast.walk(module.tree) if isinstance(n, ast.Constant)
+                         and isinstance(n.value, str) and n.value in waiters(service)}
+            for name in sorted(names or ()):
+                if method == "get_paginator" and name in ops and paginates(service, ops[name]):
+                    sink[(service, ops[name])].add(f"{where} (paginator)")
+                elif method == "get_waiter" and name in waiters(service):
+                    sink[(service, waiters(service)[name])].add(f"{where} (waiter {name})")
+                else:
+                    self.result.unknown.append(f"{where}: {service} has no {method[4:]} {name!r}")
+            if not names:
+                self.result.unknown.append(f"{where}: {ast.unparse(call)}: cannot tell which {method[4:]}")
+            return
+        if service == "s3" and method in S3_TRANSFER:
+            for operation in S3_TRANSFER[method]:
+                assert operation in ops.values(), operation
+                sink[(service, operation)].add(f"{where} ({method})")
+            return
+        if method not in ops:
+            self.result.unknown.append(f"{where}: {ast.unparse(func)}(): {method} is no {service} operation")
+            return
+        sink[(service, ops[method])].add(where)
+
+
+def source_files() -> list[Path]:
+    return sorted(p for root in SOURCES for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+@cache
+def collected() -> Collected:
+    collector = Collector(source_files())
+    result = collector.collect()
+    result.unknown = sorted(set(result.unknown + collector.conflicts))
+    result.unattributed = sorted(set(result.unattributed))
+    return result
+
+
+# --- the policy -------------------------------------------------------------------------------------
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def load_policy() -> dict:
+    return json.loads(POLICY.read_text(encoding="utf-8"))
+
+
+def granted(policy: dict) -> set[str]:
+    return {a for s in policy["Statement"] for a in _as_list(s.get("Action", []))}
+
+
+@cache
+def iam_reference() -> dict:
+    """cfn-lint's copy of the IAM Service Authorization Reference: actions and their resource types."""
+    import cfnlint
+
+    return json.loads((Path(cfnlint.__file__).parent / "data" / "AdditionalSpecs" / "Policies.json").read_text())
+
+
+def report() -> str:
+    result = collected()
+    lines = []
+    by_service: dict[str, list[str]] = defaultdict(list)
+    for (service, operation), where in sorted(result.operations.items()):
+        by_service[service].append(f"    {operation:28} {', '.join(sorted(where))}")
+    for service, entries in by_service.items():
+        lines += [f"{service}: {len(entries)} operation(s)", *entries]
+    actions = result.actions()
+    per_prefix: dict[str, int] = defaultdict(int)
+    for action in actions:
+        per_prefix[action.split(":")[0]] += 1
+    lines.append(f"IAM actions: {len(actions)} ({', '.join(f'{p} {n}' for p, n in sorted(per_prefix.items()))})")
+    lines += [f"    {a}" for a in sorted(actions)]
+    if result.demo:
+        lines.append("demo only (embedded moto, not the pipeline role): " + ", ".join(
+            f"{s}:{o}" for s, o in sorted(result.demo)))
+    for title, items in (("UNATTRIBUTED", result.unattributed), ("UNKNOWN", result.unknown)):
+        lines += [f"{title}: {item}" for item in items]
+    return "\n".join(lines)
+
+
+# --- tests ------------------------------------------------------------------------------------------
+
+
+def test_every_aws_call_is_attributed():
+    result = collected()
+    problems = [f"unattributed: {u}" for u in result.unattributed] + [f"unknown: {u}" for u in result.unknown]
+    assert not problems, (
+        "AWS calls the static collection cannot account for (name the client after its service, e.g. "
+        "ec2_client, or extend tests/unit/test_iam_policy.py):\n  " + "\n  ".join(problems))
+
+
+def test_provider_classes_are_mapped():
+    result = collected()
+    unmapped = sorted(set(result.provider_classes) - set(PROVIDER_CLASSES))
+    assert not unmapped, (
+        "amazon provider classes used by the code, with no entry in PROVIDER_CLASSES (which AWS calls do they "
+        f"make?): {', '.join(f'{n} ({sorted(result.provider_classes[n])})' for n in unmapped)}")
+    stale = sorted(set(PROVIDER_CLASSES) - set(result.provider_classes))
+    assert not stale, f"PROVIDER_CLASSES lists classes the code no longer uses: {stale}"
+
+
+def test_demo_only_functions_exist():
+    result = collected()
+    assert result.demo_functions_seen == DEMO_ONLY, f"stale DEMO_ONLY entries: {DEMO_ONLY - result.demo_functions_seen}"
+
+
+def test_the_collection_sees_the_known_calls():
+    """A guard for the collector itself: calls of every kind it must find (direct, paginator, waiter, custom
+    waiter via waiter_name, generic parameter name, provider operator, S3 transfer)."""
+    operations = set(collected().operations)
+    for expected in [("ec2", "RunInstances"), ("ec2", "DescribeInstances"), ("ec2", "DescribeImages"),
+                     ("cloudformation", "DescribeStacks"), ("cloudwatch", "PutMetricData"), ("sns", "Publish"),
+                     ("s3", "ListObjectsV2"), ("s3", "PutObject"), ("s3", "CreateMultipartUpload"),
+                     ("elbv2", "ModifyListener"), ("ssm", "SendCommand")]:
+        assert expected in operations, expected
+
+
+def test_policy_grants_exactly_the_collected_actions():
+    needed = collected().actions()
+    have = granted(load_policy())
+    missing = sorted(set(needed) - have)
+    extra = sorted(have - set(needed))
+    message = []
+    if missing:
+        message.append("missing from the policy (the code calls them):\n  " + "\n  ".join(
+            f"{a}  <- {', '.join(sorted(needed[a]))}" for a in missing))
+    if extra:
+        message.append("granted but never called (remove them):\n  " + "\n  ".join(extra))
+    assert not message, f"{POLICY.relative_to(ROOT)}:\n" + "\n".join(message)
+
+
+def test_policy_document_is_well_formed():
+    policy = load_policy()
+    assert set(policy) == {"Version", "Statement"}, sorted(policy)
+    assert policy["Version"] == "2012-10-17"
+    statements = policy["Statement"]
+    assert isinstance(statements, list) and statements
+    sids = [s.get("Sid") for s in statements]
+    assert all(isinstance(sid, str) and re.fullmatch(r"[A-Za-z0-9]+", sid) for sid in sids), sids
+    assert len(set(sids)) == len(sids), f"duplicate Sid: {sids}"
+    for statement in statements:
+        sid = statement["Sid"]
+        assert set(statement) <= {"Sid", "Effect", "Action", "Resource", "Condition"}, (sid, sorted(statement))
+        assert statement["Effect"] == "Allow", sid
+        actions, resources = _as_list(statement["Action"]), _as_list(statement["Resource"])
+        assert actions and resources, sid
+        assert len(set(actions)) == len(actions), f"{sid}: duplicate actions"
+        for action in actions:
+            assert re.fullmatch(r"[a-z0-9-]+:[A-Za-z0-9]+", action), f"{sid}: {action!r}: exact actions only, no *"
+        if "*" in resources:
+            assert resources == ["*"], f"{sid}: '*' together with other resources"
+            star = sorted(set(actions) - STAR_RESOURCE)
+            assert not star, f"{sid}: Resource '*' for {star}, which support resource-level permissions"
+    # An action appears in several statements only where its resources need different conditions.
+    # A customer managed policy holds at most 6,144 characters, whitespace not counted.
+    size = len(re.sub(r"\s", "", POLICY.read_text(encoding="utf-8")))
+    assert size <= 6144, f"{size} characters: over the managed policy limit of 6,144"
+
+
+def _arn_pattern(arn_format: str) -> re.Pattern:
+    """A reference ARN format (``arn:${Partition}:ec2:${Region}:${Account}:instance/.*``) as a regex that
+    matches the policy's ARN patterns (whose ``*`` are plain characters here)."""
+    tokens = re.split(r"(\$\{[A-Za-z]+\}|\.\*)", arn_format)
+    return re.compile("".join("[^:]*" if t.startswith("${") else ".*" if t == ".*" else re.escape(t)
+                              for t in tokens) + "$")
+
+
+def _condition_keys(statement: dict) -> set[str]:
+    return {key for operator in statement.get("Condition", {}).values() for key in operator}
+
+
+def _key_pattern(key_format: str) -> re.Pattern:
+    tokens = re.split(r"(\$\{[A-Za-z]+\}|tag-key)", key_format)
+    return re.compile("".join(".+" if t.startswith("${") or t == "tag-key" else re.escape(t) for t in tokens) + "$",
+                      re.IGNORECASE)
+
+
+def test_policy_actions_and_resources_match_the_iam_reference():
+    """Every action exists; "*" only where AWS has no resource type for it (or STAR_RESOURCE says why); every
+    resource ARN is of a type its statement's actions apply to (an ARN no action can match grants nothing);
+    every condition key applies to the action or to the resource types the statement names."""
+    reference = iam_reference()
+    problems = []
+    for statement in load_policy()["Statement"]:
+        sid = statement["Sid"]
+        resources = _as_list(statement["Resource"])
+        used = set()
+        for action in _as_list(statement["Action"]):
+            prefix, name = action.split(":")
+            spec = reference.get(prefix, {}).get("Actions", {}).get(name.lower())
+            if spec is None:
+                problems.append(f"{sid}: {action} is no IAM action")
+                continue
+            types = spec.get("Resources", [])
+            if resources == ["*"] and types and action not in STAR_RESOURCE:
+                problems.append(f"{sid}: {action} on '*' but it supports resource types {types}")
+            # The action's resource types (its own service's, else another's: iam:PassRole -> role) that the
+            # statement's resources are of.
+            specs = [reference[prefix].get("Resources", {}).get(t) or next(
+                (svc["Resources"][t] for svc in reference.values() if t in svc.get("Resources", {})), {})
+                for t in types]
+            matched = [spec for spec in specs if resources == ["*"] or any(
+                _arn_pattern(f).match(r) for f in spec.get("ARNFormats", []) for r in resources)]
+            if resources != ["*"]:
+                matching = {r for r in resources for spec in specs
+                            for f in spec.get("ARNFormats", []) if _arn_pattern(f).match(r)}
+                if not matching:
+                    problems.append(f"{sid}: {action} applies to none of {resources} (its types: {types})")
+                used |= matching
+            known = [_key_pattern(k) for spec in matched for k in spec.get("ConditionKeys", [])]
+            for key in _condition_keys(statement):
+                if key not in ACTION_CONDITION_KEYS.get(action, ()) and not any(k.match(key) for k in known):
+                    problems.append(f"{sid}: condition key {key} does not apply to {action} on {resources}")
+        if resources != ["*"]:
+            problems += [f"{sid}: resource {r} matches none of its actions" for r in resources if r not in used]
+    star_with_types = [a for a in STAR_RESOURCE
+                       if reference[a.split(":")[0]]["Actions"][a.split(":")[1].lower()].get("Resources")]
+    assert sorted(star_with_types) == ["cloudformation:DescribeStacks", "cloudwatch:PutMetricData"], (
+        "STAR_RESOURCE: these have resource types; say why '*' in a comment and here", star_with_types)
+    assert not problems, "\n".join(problems)
+
+
+if __name__ == "__main__":  # the report: python tests/unit/test_iam_policy.py
+    print(report())
+    pytest.main([__file__, "-q", "-p", "no:cacheprovider"])
