@@ -39,11 +39,13 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "no $(CHROMIUM): the browser tests will be skipped (apt-get install chromium)"; fi; }
 
+# Unit and DAG tests on both cores (pytest-xdist); the end-to-end tests share one Airflow, serially.
 test: $(STAMP) $(CHECKOV_STAMP) browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 tests/unit tests/dags
+	$(PY) -m pytest tests/e2e
 
 test-unit: $(STAMP) $(CHECKOV_STAMP)
-	$(PY) -m pytest tests/unit tests/dags
+	$(PY) -m pytest -n 2 tests/unit tests/dags
 
 test-e2e: $(STAMP) browser
 	$(PY) -m pytest tests/e2e

@@ -100,17 +100,28 @@ def test_commit_stage_faults_fail_cleanly_and_a_killed_worker_is_retried(e2e):
     a build that fails, a failing unit test, a static-analysis finding, and a slow build whose
     worker is killed mid-build (SIGKILL: no cleanup), which Airflow retries.  The head fixes all."""
     build = (e2e.clone / "build.py").read_text()
+    app = (e2e.clone / "src/sample_service/app.py").read_text()
     test = "tests/unit/test_regression.py"
+    main = "    env = os.environ if environ is None else environ\n"  # the first line of build.py's main()
+
+    def build_with(code: str) -> str:
+        """build.py running ``code`` first in main(), still clean for static analysis."""
+        assert main in build and "import tarfile\n" in build
+        with_time = build.replace("import tarfile\n", "import tarfile\nimport time\n", 1)
+        return with_time.replace(main, f"    {code}\n{main}", 1)
+
     faults = {
-        "slow_build": commit_locally(e2e, {"build.py": "import time\ntime.sleep(15)\n" + build}, "Slow build"),
-        "build": commit_locally(e2e, {"build.py": 'raise SystemExit("build broken on purpose")\n' + build},
-                                "Break the build"),
+        "slow_build": commit_locally(e2e, {"build.py": build_with("time.sleep(15)")}, "Slow build"),
+        "build": commit_locally(
+            e2e, {"build.py": build_with('raise SystemExit(f"build broken on purpose at {time.time()}")')},
+            "Break the build"),
         "unit_test": commit_locally(e2e, {"build.py": build, test: "def test_regression():\n    assert 1 + 1 == 3\n"},
                                     "Add a failing test"),
-        "static_analysis": commit_locally(e2e, {test: None, "src/sample_service/leftover.py": "import os\n"},
+        "static_analysis": commit_locally(e2e, {test: None, "src/sample_service/app.py": app + "\nimport fractions\n"},
                                           "Leave an unused import"),
     }
-    fix = commit_locally(e2e, {"src/sample_service/leftover.py": None}, "Remove the unused import")
+    # The head fixes everything and changes something, so that it has something to build.
+    fix = commit_locally(e2e, {"src/sample_service/app.py": app + "# faults fixed\n"}, "Remove the unused import")
     embedded.git("push", "--quiet", "origin", "HEAD:main", cwd=e2e.clone)
     pipeline = f"{APP}_pipeline"
     runs = {name: e2e.api.trigger(pipeline, conf={"commit": sha}, run_id=f"manual__fault_{name}")["dag_run_id"]
@@ -120,9 +131,13 @@ def test_commit_stage_faults_fail_cleanly_and_a_killed_worker_is_retried(e2e):
         # Kill the slow build's task process while its command runs.
         slow = runs["slow_build"]
         build_ti = f"/dags/{pipeline}/dagRuns/{slow}/taskInstances/2-commit.build"
-        embedded.wait_until(lambda: e2e.api.get(build_ti)["state"] == "running" and e2e.api.get(build_ti)["pid"],
-                            240, "the slow build to run", interval=0.5)
-        time.sleep(3)  # well inside its 15 s
+        def command_running() -> bool:
+            if e2e.api.get(build_ti)["state"] != "running":
+                return False
+            return "$ python build.py" in json.dumps(e2e.api.get(f"{build_ti}/logs/1", full_content="true"))
+
+        embedded.wait_until(command_running, 240, "the slow build's command to run", interval=0.5)
+        time.sleep(2)  # well inside its 15 s
         os.kill(e2e.api.get(build_ti)["pid"], signal.SIGKILL)
 
         done = {name: e2e.api.wait_for_run(pipeline, run_id, timeout=400) for name, run_id in runs.items()
@@ -141,6 +156,7 @@ def test_commit_stage_faults_fail_cleanly_and_a_killed_worker_is_retried(e2e):
             assert record["stages"]["2-commit"] | {"result": "failed", "task": f"2-commit.{name}"} \
                 == record["stages"]["2-commit"], (name, record["stages"])
             assert "exited with code 1" in record["stages"]["2-commit"]["error"]
+            assert "build broken on purpose" in record["stages"]["2-commit"]["error"] or name != "build"
         # A failing command is final: no second try.
         tries = {name: e2e.api.get(f"/dags/{pipeline}/dagRuns/{runs[name]}/taskInstances/2-commit.{name}")
                  ["try_number"] for name in done}
@@ -153,5 +169,6 @@ def test_commit_stage_faults_fail_cleanly_and_a_killed_worker_is_retried(e2e):
         log = e2e.api.get(f"{build_ti}/logs/2", full_content="true")
         assert "left running by an earlier try of this command" in json.dumps(log)
         assert e2e.record(e2e.version(faults["slow_build"]))["artifact"]["sha256"]
-    finally:
-        assert e2e.candidate_run(fix)[1][CANDIDATE] == "success"
+    finally:  # the head builds and publishes again (its candidate is not waited for: time)
+        fixed = e2e.pipeline_run(fix, until=("2-commit.publish_artifact",), timeout=400)
+        assert e2e.task_states(fixed)["2-commit.publish_artifact"] == "success"

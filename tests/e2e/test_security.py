@@ -28,7 +28,7 @@ def test_connection_secrets_never_leak(e2e):
     with sqlite3.connect(f"file:{e2e.home / 'airflow.db'}?mode=ro", uri=True, timeout=60) as db:
         xcoms = db.execute("SELECT dag_id, run_id, task_id, key, value FROM xcom").fetchall()
     for dag_id, run_id, task_id, key, value in xcoms:
-        text = value if isinstance(value, str) else bytes(value or b"").decode(errors="replace")
+        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
         found += [(name, f"xcom {dag_id}/{run_id}/{task_id}/{key}") for name, values in wanted.items()
                   if any(v in text for v in values)]
 
