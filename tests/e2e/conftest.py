@@ -16,6 +16,7 @@ import pytest
 import yaml
 from deployline import embedded
 from deployline.airflow_api import AirflowApi
+from deployline.moto_atomic import make_conditional_puts_atomic
 from harness import APP, ARTIFACTS, BUCKET, E2E, GIT_CONN, ROOT, SECRETS, STRICT_APP
 from moto.server import ThreadedMotoServer
 
@@ -28,6 +29,7 @@ def e2e(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
+    make_conditional_puts_atomic()  # as on AWS: the registry's concurrent writes rely on it
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=embedded.free_port(), verbose=False)
     moto.start()
     endpoint = f"http://127.0.0.1:{moto._server.server_port}"

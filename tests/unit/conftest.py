@@ -2,7 +2,10 @@ import boto3
 import psutil
 import pytest
 from deployline.environments.local import LocalDriver
+from deployline.moto_atomic import make_conditional_puts_atomic
 from moto import mock_aws
+
+make_conditional_puts_atomic()  # moto checks a condition, then writes; S3 does both at once
 
 
 @pytest.fixture
