@@ -176,12 +176,7 @@ def build_gate_dag(config: PipelineConfig, gate: str) -> DAG:
             decided = {"gate": gate, "decision": outcome, "mode": settings.mode, "requested_at": started,
                        "recorded_at": utcnow(), **who_decided(hitl, task_instance, events)}
             if conf.get("version"):
-                # Approval ends the exploratory stage (its run has the pipeline run's id); a rejection
-                # is recorded by the pipeline's own failure callback when await_approval fails.
-                ended = ({"stages": {"5-exploratory": {"result": "success", "finished_at": utcnow(),
-                                                       "run_id": ti.run_id}}}
-                         if gate == "exploratory" and outcome == APPROVED else {})
-                ReleaseRegistry.for_config(config).update(conf["version"], approvals={gate: decided}, **ended)
+                ReleaseRegistry.for_config(config).update(conf["version"], approvals={gate: decided})
             notifications.publish(config, f"{config.application} {conf.get('version')}: {gate} {outcome}",
                                   f"{gate} approval of {conf.get('version')} {outcome} by {decided['by']}"
                                   f" ({decided['via']}). Note: {decided['note'] or '-'}\n"

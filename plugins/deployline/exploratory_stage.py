@@ -6,6 +6,7 @@ from airflow.sdk import TaskGroup
 
 from deployline.approvals import approval_tasks
 from deployline.config import PipelineConfig
+from deployline.releases import ReleaseRegistry, utcnow
 
 DOC = """\
 ### 5-exploratory: people try it, then approve or reject
@@ -24,5 +25,17 @@ succeeds when `decision` is marked success (approved) and fails when it is marke
 def exploratory_stage(config: PipelineConfig, commit, candidate_recorded) -> TaskGroup:
     with TaskGroup("5-exploratory", tooltip="exploratory approval while people use self-service") as group:
         group.doc_md = DOC.format(app=config.application, hours=config.approvals.exploratory.timeout_hours)
-        approval_tasks(config, "exploratory", commit, after=candidate_recorded)
+        *_, wait = approval_tasks(config, "exploratory", commit, after=candidate_recorded)
+        # The approval ends the stage; a rejection is written by the pipeline's failure callback.
+        wait.on_success_callback = [_record_approved(config)]
     return group
+
+
+def _record_approved(config: PipelineConfig):
+    def record_approved(context) -> None:
+        commit = context["ti"].xcom_pull(task_ids="resolve_commit")
+        if commit:
+            ReleaseRegistry.for_config(config).update(commit["version"], stages={"5-exploratory": {
+                "result": "success", "finished_at": utcnow(), "run_id": context["run_id"]}})
+
+    return record_approved

@@ -81,7 +81,7 @@ def e2e(tmp_path_factory):
         session.candidate_run(seed)
         yield session
     finally:
-        stack.stop()
+        stack.stop(grace=5)  # the tests are over: no need to wait for a graceful shutdown
         embedded.stop_environments(root / "airflow")  # pre-production, production, its address
         moto.stop()
         logs = root / "airflow" / "logs"
