@@ -1,6 +1,7 @@
 import boto3
 import psutil
 import pytest
+from deployline import artifacts
 from deployline.environments.local import LocalDriver
 from deployline.moto_atomic import make_conditional_puts_atomic
 from moto import mock_aws
@@ -35,3 +36,20 @@ def root(tmp_path):
 @pytest.fixture
 def driver(s3, root):
     return LocalDriver(s3, root=root)
+
+
+@pytest.fixture(scope="module")
+def tarballs(request, tmp_path_factory):
+    """The sample service built as the test module's versions ``V1`` and ``V2``."""
+    from test_local_environments import build_artifact
+
+    out = tmp_path_factory.mktemp("dist")
+    return {version: build_artifact(out, version) for version in (request.module.V1, request.module.V2)}
+
+
+@pytest.fixture
+def published(request, s3, tarballs):
+    """``tarballs`` published to the module's ``BUCKET``, under its ``APP`` (default ``shop``)."""
+    app = getattr(request.module, "APP", "shop")
+    return {v: artifacts.publish(s3, request.module.BUCKET, app, v, path)[0].to_dict()
+            for v, path in tarballs.items()}

@@ -29,7 +29,7 @@ from deployline.self_service import build_self_service_dag
 from deployline.sources import GitError, GitSource
 from test_blue_green_local import V1, V2, deploy, spec, version_at
 from test_config import VALID, write
-from test_local_environments import BUCKET, build_artifact
+from test_local_environments import BUCKET
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = ROOT / "include" / "pipelines" / "sample_service.yaml"
@@ -223,15 +223,6 @@ def test_an_artifact_missing_from_the_store_is_named(s3, tmp_path):
 # ---------------------------------------------------------------------- a tampered artifact
 
 
-@pytest.fixture(scope="module")
-def tarballs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    return {version: build_artifact(out, version) for version in (V1, V2)}
-
-
-@pytest.fixture
-def published(s3, tarballs):
-    return {v: artifacts.publish(s3, BUCKET, "shop", v, path)[0].to_dict() for v, path in tarballs.items()}
 
 
 def tamper(s3, artifact: dict) -> str:

@@ -5,27 +5,17 @@ import threading
 import time
 
 import pytest
-from deployline import artifacts
 from deployline.config import LocalDriverSettings, Production
 from deployline.deployments import AFTER_SWITCH, BEFORE_SWITCH, RolledBack, blue_green, remove_idle, superseded_by
 from deployline.environments.base import EnvironmentSpec, environment_name
 from deployline.environments.local import LocalDriver
-from test_local_environments import BUCKET, build_artifact, get
+from test_local_environments import BUCKET, get
 
 __all__ = ["BUCKET"]  # the s3 fixture reads the module's BUCKET
 V1, V2 = "r1-abcdef0", "r2-bcdef01"
 FAST = Production(drain_seconds=0.5, verify_seconds=1.5, check_interval=0.2)
 
 
-@pytest.fixture(scope="module")
-def tarballs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    return {version: build_artifact(out, version) for version in (V1, V2)}
-
-
-@pytest.fixture
-def published(s3, tarballs):
-    return {v: artifacts.publish(s3, BUCKET, "shop", v, path)[0].to_dict() for v, path in tarballs.items()}
 
 
 def spec(artifact: dict, stage: str = "production", size: int = 2, name: str | None = None) -> EnvironmentSpec:

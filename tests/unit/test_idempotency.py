@@ -61,7 +61,7 @@ from deployline.self_service import provision, record_launch, resolve_request
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
-from test_local_environments import build_artifact, get
+from test_local_environments import get
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "deployline-idempotency-test"  # the conftest ``s3`` fixture creates it
@@ -337,15 +337,6 @@ def test_a_deployment_write_whose_answer_was_lost_is_one_entry(s3, monkeypatch):
 # ---------------------------------------------------------------------- the local driver: environments
 
 
-@pytest.fixture(scope="module")
-def tarballs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    return {version: build_artifact(out, version) for version in (V1, V2)}
-
-
-@pytest.fixture
-def published(s3, tarballs):
-    return {v: artifacts.publish(s3, BUCKET, APP, v, path)[0].to_dict() for v, path in tarballs.items()}
 
 
 def pids(info) -> list[int]:

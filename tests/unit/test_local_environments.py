@@ -22,6 +22,7 @@ from deployline.environments.local import SWITCH_GRACE, LocalDriver
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = ROOT / "include" / "sample-service"
 BUCKET = "deployline-artifacts-test"
+V1, V2 = "r1-abc", "r2-def"  # the versions the conftest's ``tarballs`` builds
 
 
 def build_artifact(out: Path, version: str) -> Path:
@@ -31,15 +32,6 @@ def build_artifact(out: Path, version: str) -> Path:
     return out / f"sample-service-{version}.tar.gz"
 
 
-@pytest.fixture(scope="module")
-def tarballs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    return {version: build_artifact(out, version) for version in ("r1-abc", "r2-def")}
-
-
-@pytest.fixture
-def published(s3, tarballs):
-    return {v: artifacts.publish(s3, BUCKET, "shop", v, path)[0].to_dict() for v, path in tarballs.items()}
 
 
 def make_spec(artifact: dict, key: str, size: int = 2, application: str = "shop") -> EnvironmentSpec:
