@@ -108,7 +108,7 @@ def aws_connection_uri(endpoint: str, region: str = REGION) -> str:
     })
 
 
-USERS = {"admin": "admin", "approver": "op"}  # simple auth manager: user -> role
+USERS = {"admin": "admin", "approver": "op", "viewer": "viewer"}  # simple auth manager: user -> role
 
 
 SQLITE_CONNECT_ARGS = {"timeout": 20}  # seconds a connection waits for SQLite's lock (default 5)

@@ -24,6 +24,11 @@ from moto.server import ThreadedMotoServer
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
+def pytest_collection_modifyitems(items):
+    """Checks of what the whole suite left behind run after every other test."""
+    items.sort(key=lambda item: item.get_closest_marker("after_the_suite") is not None)
+
+
 @pytest.fixture(scope="session")
 def e2e(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")

@@ -7,7 +7,7 @@ import time
 import boto3
 import pytest
 from deployline import embedded
-from deployline.airflow_api import AirflowApi
+from deployline.airflow_api import AirflowApi, AirflowApiError
 from deployline.sensors import pipeline_run_id
 from harness import APP, CANDIDATE, leftovers
 
@@ -107,6 +107,11 @@ def test_waiting_for_approval_uses_no_worker_slot(e2e, unattended):
 
 def test_approve_by_marking_the_decision_successful(e2e, approver, inbox, candidates):
     run_id = waiting_candidate(e2e, candidates["approve"])
+    # Someone who may only look is refused, and the gate goes on waiting.
+    viewer = AirflowApi(e2e.api.base, "viewer", embedded.password(e2e.home, "viewer"))
+    with pytest.raises(AirflowApiError, match=": 403 "):
+        viewer.set_task_state(GATE, run_id, "decision", "success", note="Looks fine to me")
+    assert e2e.api.task_instances(GATE, run_id)["decision"]["state"] in WAITING
     approver.set_task_state(GATE, run_id, "decision", "success", note="Tried it in my environment: fine")
     # The release goes on (capacity, pre-production, then production approval, which nobody gives).
     run = e2e.wait_for_tasks(run_id, (AWAIT, "6-capacity.record_capacity"))

@@ -111,3 +111,60 @@ def test_failing_acceptance_test_leaves_no_environment_and_no_candidate(e2e, see
     finally:
         (fix,) = e2e.push({"tests/acceptance/test_regression.py": "def test_fixed():\n    pass\n"}, "Fix acceptance")
         assert e2e.candidate_run(fix)[1][CANDIDATE] == "success"
+
+
+@pytest.fixture
+def images_turn_failed(monkeypatch):
+    """moto makes an image ``available`` at once; AWS may take minutes and end in ``failed``.
+
+    Images whose name is in the returned set start ``pending`` (moto serves from this process,
+    so its backend is patched here); the test turns them ``failed`` once the pipeline waits."""
+    from moto.ec2.models.amis import AmiBackend
+
+    names, made = set(), {}
+    create = AmiBackend.create_image
+
+    def create_image(self, instance_id, name, description, tag_specifications):
+        ami = create(self, instance_id, name, description, tag_specifications)
+        if name in names:
+            ami.state = "pending"
+            made[name] = ami
+        return ami
+
+    monkeypatch.setattr(AmiBackend, "create_image", create_image)
+    return names, made
+
+
+def test_a_base_image_that_turns_failed_stops_the_release_and_leaves_no_builder(e2e, seeded, images_turn_failed):
+    """Fault: the base AMI turns ``failed`` while the deferred sensor waits.  The commit is on a
+    branch of its own, triggered by hand, so that main's next commits are not affected."""
+    names, made = images_turn_failed
+    provision = e2e.clone / "infrastructure/provision.sh"
+    head = embedded.git("rev-parse", "HEAD", cwd=e2e.clone)
+    provision.write_text(provision.read_text() + "# a base image AWS fails to make\n")
+    embedded.git("commit", "--quiet", "-am", "Provisioning whose image fails", cwd=e2e.clone)
+    sha = embedded.git("rev-parse", "HEAD", cwd=e2e.clone)
+    embedded.git("push", "--quiet", "origin", "HEAD:refs/heads/fault/base-image", cwd=e2e.clone)
+    embedded.git("reset", "--quiet", "--hard", head, cwd=e2e.clone)
+    version = e2e.version(sha)
+    names.add(f"sample_service-base-{version}")
+
+    run_id = e2e.api.trigger("sample_service_pipeline", conf={"commit": sha}, run_id="manual__fault_base_image")[
+        "dag_run_id"]
+    e2e.wait_for_tasks(run_id, ("1-baking.wait_for_base_image",), states=("deferred",), timeout=240)
+    assert list(made) == [f"sample_service-base-{version}"], (made, e2e.task_states(e2e.api.run("sample_service_pipeline", run_id)))
+    image = made[f"sample_service-base-{version}"]
+    image.state = "failed"  # as EC2 reports an image it could not make
+    run = e2e.api.wait_for_run("sample_service_pipeline", run_id, timeout=300)
+    states = e2e.task_states(run)
+    assert run["state"] == "failed", states
+    assert states["1-baking.wait_for_base_image"] == "failed", states
+    assert states["1-baking.record_base_image"] == "upstream_failed", states
+    assert states["1-baking.terminate_builder"] == "success", states  # the teardown ran anyway
+    assert {states[t] for t in ACCEPTANCE[:2]} == {"upstream_failed"}, states
+    record = e2e.record(version)
+    assert record["stages"]["1-baking"] | {"result": "failed", "task": "1-baking.wait_for_base_image"} \
+        == record["stages"]["1-baking"], record["stages"]
+    assert "failed" in record["stages"]["1-baking"]["error"]
+    assert "candidate" not in record and "base_image" not in record
+    # The autouse check then finds no builder instance, stack or environment left.

@@ -6,7 +6,7 @@ import sqlite3
 import pytest
 from harness import BUCKET, SECRETS
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.after_the_suite]  # every other test has run: all logs exist
 
 
 def forms(secret: str) -> list[str]:
