@@ -109,6 +109,7 @@ def aws_connection_uri(endpoint: str, region: str = REGION) -> str:
 
 
 USERS = {"admin": "admin", "approver": "op", "viewer": "viewer"}  # simple auth manager: user -> role
+SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 
 
 SQLITE_CONNECT_ARGS = {"timeout": 20}  # seconds a connection waits for SQLite's lock (default 5)
@@ -153,6 +154,9 @@ def airflow_env(
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
         "AIRFLOW__CORE__PARALLELISM": "16",
         "AIRFLOW_CONN_AWS_DEFAULT": aws_connection_uri(moto_endpoint),
+        # The simple auth manager and its users, even when the FAB provider is installed (it is, for
+        # tests/unit/test_access_control.py) and the caller's shell selects FAB.
+        "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in USERS.items()),
         # Approval gates read the decision's note and event log through the REST API.
         "AIRFLOW_CONN_DEPLOYLINE_API": json.dumps({
