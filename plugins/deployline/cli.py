@@ -18,11 +18,12 @@ from deployline.config import PROJECT_ROOT, load_pipeline_config
 DEMO_APP = "sample_service"
 
 
-def _banner(base: str, password: str, approver: str, clone: Path, bare: Path, moto: str) -> str:
+def _banner(base: str, password: str, home: Path, clone: Path, bare: Path, moto: str) -> str:
+    approver, viewer = embedded.password(home, "approver"), embedded.password(home, "viewer")
     return f"""
 Deployline demo is running.
 
-  Airflow UI   {base}      login: admin / {password}   (approver: approver / {approver})
+  Airflow UI   {base}      login: admin / {password}   (approver: approver / {approver}, read-only: viewer / {viewer})
   Moto (AWS)   {moto}      bucket: s3://{os.environ.get('DEPLOYLINE_ARTIFACT_BUCKET', 'deployline-artifacts')}
   Repository   {bare}
   Your clone   {clone}
@@ -76,7 +77,7 @@ def demo(args: argparse.Namespace) -> int:
         print(f"demo repository {bare} at {head[:10]}", flush=True)
         for dag_id in api.dag_ids():
             api.set_paused(dag_id, False)
-        print(_banner(base, password, embedded.password(home, "approver"), clone, bare, moto), flush=True)
+        print(_banner(base, password, home, clone, bare, moto), flush=True)
         if args.auto_approve:
             return _release_first_commit(base, home, head, moto)
         if args.headless:

@@ -108,4 +108,4 @@ def test_the_embedded_stack_keeps_the_simple_auth_manager(tmp_path, monkeypatch)
     # Airflow's default, which the FAB provider being installed does not change.
     assert env["AIRFLOW__CORE__AUTH_MANAGER"] == conf.get_default_value("core", "auth_manager")
     assert env["AIRFLOW__CORE__AUTH_MANAGER"].endswith(".SimpleAuthManager")
-    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] == "admin:admin,approver:op"
+    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] == "admin:admin,approver:op,viewer:viewer"
