@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # Where the pipeline configs live; tests and other deployments point elsewhere.
 PIPELINES_DIR_ENV = "DEPLOYLINE_PIPELINES_DIR"
@@ -22,6 +31,8 @@ DEFAULT_PIPELINES_DIR = PROJECT_ROOT / "include" / "pipelines"
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = r"^[a-z][a-z0-9_]{0,62}$"
+# arn:<partition>:iam::<account>:role/<path/><name>: IAM's own limits on path and name characters.
+_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/(?:[A-Za-z0-9+=,.@_-]+/)*[A-Za-z0-9+=,.@_-]{1,64}$")
 
 
 class PipelineConfigError(ValueError):
@@ -38,6 +49,22 @@ def _valid_glob(pattern: str) -> str:
     except Exception as exc:
         raise ValueError(f"bad glob {pattern!r}: {exc}") from exc
     return pattern
+
+
+def _blank_is_none(value):
+    # "${VAR:-}" expands to "": the setting is off, as if it were absent.
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _role_arn(value: str | None) -> str | None:
+    if value is not None and not _ROLE_ARN.match(value):
+        raise ValueError("not an IAM role ARN (arn:<partition>:iam::<12-digit account>:role/<path/name>)")
+    return value
+
+
+# A CloudFormation service role: passed as RoleARN, CloudFormation then acts with its permissions
+# instead of the caller's (include/iam/README.md).
+ServiceRoleArn = Annotated[str | None, BeforeValidator(_blank_is_none), AfterValidator(_role_arn)]
 
 
 class _Strict(BaseModel):
@@ -135,6 +162,11 @@ class CloudFormationSettings(_Strict):
     instance_type: str = "t3.micro"
     app_port: Annotated[int, Field(ge=1, le=65535)] = 8080
     network_parameter_prefix: str = "/deployline/network"
+    service_role_arn: ServiceRoleArn = Field(
+        default=None,
+        description="CloudFormation service role for the environment and router stacks (RoleARN); "
+        "none: CloudFormation uses the pipeline's own credentials",
+    )
 
 
 class Environments(_Strict):

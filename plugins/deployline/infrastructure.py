@@ -15,6 +15,8 @@ component           template (include/cloudformation)  SSM parameters (under ``s
 ==================  ===============================  ==========================================
 
 The settings come from ``include/infrastructure.yaml`` (:func:`load_infrastructure_config`).
+With ``service_role_arn`` every create, update and delete passes that CloudFormation service role
+(``RoleARN``), and CloudFormation makes the resources with its permissions, not the caller's.
 :func:`launch` creates a missing stack, updates an existing one with the current template and
 parameters (``unchanged`` when CloudFormation has nothing to do), and publishes the stack's
 outputs as SSM String parameters, writing only those whose value changed: launching twice
@@ -46,9 +48,9 @@ import yaml
 from botocore.exceptions import ClientError
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
-from deployline.config import PROJECT_ROOT, PipelineConfigError, _Strict, expand_vars
+from deployline.config import PROJECT_ROOT, PipelineConfigError, ServiceRoleArn, _Strict, expand_vars
 from deployline.config import _describe as _describe_error
-from deployline.environments.cloudformation import describe_stack
+from deployline.environments.cloudformation import describe_stack, role_argument
 
 COMPONENTS = ("network", "artifact_store", "notifications", "ci_environment")
 DEPENDENCIES: dict[str, tuple[str, ...]] = {"ci_environment": ("network",)}
@@ -169,6 +171,11 @@ class InfrastructureConfig(_Strict):
     conn_id: str = Field(default="aws_default", min_length=1, description="Airflow connection (DAG use)")
     ssm_prefix: str = Field(default="/deployline", pattern=r"^(/[A-Za-z0-9_.-]+)+$")
     template_dir: str = Field(default="include/cloudformation", description="relative to the project, or absolute")
+    service_role_arn: ServiceRoleArn = Field(
+        default=None,
+        description="CloudFormation service role for the support stacks (RoleARN); none: CloudFormation "
+        "uses the caller's own credentials",
+    )
     network: NetworkSettings = NetworkSettings()
     artifact_store: ArtifactStoreSettings = ArtifactStoreSettings()
     notifications: NotificationSettings = NotificationSettings()
@@ -444,6 +451,7 @@ def _launch_one(clients: Clients, config: InfrastructureConfig, component: str, 
         "Parameters": [{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
         "Tags": [{"Key": COMPONENT_TAG, "Value": component}, {"Key": INFRASTRUCTURE_TAG, "Value": config.stack_prefix}],
         "Capabilities": list(_SPECS[component].capabilities),
+        **role_argument(config.service_role_arn),
     }
     notes = []
     stack = _settle(clients, name)
@@ -451,7 +459,7 @@ def _launch_one(clients: Clients, config: InfrastructureConfig, component: str, 
     if status == "ROLLBACK_COMPLETE":
         # Its first create failed: such a stack can only be deleted, then created afresh.
         notes.append("replaced a stack whose first create had failed (ROLLBACK_COMPLETE)")
-        _delete_stack(clients, name)
+        _delete_stack(clients, name, role_arn=config.service_role_arn)
         stack = status = None
 
     if stack is None:
@@ -587,7 +595,7 @@ def _destroy_one(clients: Clients, config: InfrastructureConfig, name: str, stac
         bucket = outputs.get("BucketName") or config.artifact_store.bucket
         removed = _empty_bucket(clients, bucket)
         notes.append(f"emptied bucket {bucket}: {removed} object version(s) and delete marker(s) removed")
-    _delete_stack(clients, stack_name, name)
+    _delete_stack(clients, stack_name, name, config.service_role_arn)
     deleted = _delete_parameters(clients, list(config.parameter_names(name).values()))
     return ComponentResult(name, stack_name, "deleted", outputs, deleted, notes)
 
@@ -703,10 +711,10 @@ def _expect(clients: Clients, name: str, wanted: str, what: str) -> dict:
     return stack
 
 
-def _delete_stack(clients: Clients, name: str, component: str | None = None) -> None:
+def _delete_stack(clients: Clients, name: str, component: str | None = None, role_arn: str | None = None) -> None:
     what = f"{component + ': ' if component else ''}delete of stack {name}"
     try:
-        clients.cfn.delete_stack(StackName=name)
+        clients.cfn.delete_stack(StackName=name, **role_argument(role_arn))
     except ClientError as exc:
         raise InfrastructureError(f"{what} failed: {_message(exc)}") from exc
     stack = _settle(clients, name)

@@ -445,3 +445,61 @@ def test_health_problem_is_one_look(aws, driver, images):
     problem = driver.health_problem(green.name, "/health")
 
     assert problem is not None and first in problem and "unused" in problem
+
+
+# ---------------------------------------------------------------------- the CloudFormation service role
+
+SERVICE_ROLE = "arn:aws:iam::123456789012:role/deployline-cloudformation"
+
+
+def record_stack_changes(monkeypatch, cfn) -> list[tuple[str, str, str | None]]:
+    """(operation, stack, RoleARN) of every create, update and delete the driver makes."""
+    calls = []
+    for operation in ("create_stack", "update_stack", "delete_stack"):
+        real = getattr(cfn, operation)
+
+        def recorded(real=real, operation=operation, **kwargs):
+            calls.append((operation, kwargs["StackName"], kwargs.get("RoleARN")))
+            return real(**kwargs)
+
+        monkeypatch.setattr(cfn, operation, recorded)
+    return calls
+
+
+def every_stack_change(aws, driver, images) -> dict[str, str | None]:
+    """Environment and router: create, resize, update in place, tear down; the stacks' RoleARN meanwhile."""
+    roles = {}
+    spec = spec_for(images, "1.0.0", stage="acceptance", size=1)
+    driver.provision(spec)
+    driver.resize(spec.name, 2)
+    driver.update(replace(spec, version="1.1.0", image_id=images["1.1.0"], size=2))
+    # moto forgets a stack's role on an update without RoleARN: still there, so each update passed it.
+    roles[spec.name] = aws["cloudformation"].describe_stacks(StackName=spec.name)["Stacks"][0].get("RoleARN")
+    driver.ensure_router(APP)
+    roles[ROUTER] = aws["cloudformation"].describe_stacks(StackName=ROUTER)["Stacks"][0].get("RoleARN")
+    driver.teardown(spec.name)
+    driver.remove_router(APP)
+    return roles
+
+
+def test_a_service_role_is_passed_on_every_create_update_and_delete(aws, network, images, monkeypatch):
+    driver = CloudFormationDriver(aws["cloudformation"], aws["ssm"], aws["autoscaling"], aws["elbv2"],
+                                  CloudFormationSettings(service_role_arn=SERVICE_ROLE))
+    calls = record_stack_changes(monkeypatch, aws["cloudformation"])
+
+    roles = every_stack_change(aws, driver, images)
+
+    assert [call[0] for call in calls] == [
+        "create_stack", "update_stack", "update_stack", "create_stack", "delete_stack", "delete_stack"]
+    assert {call[2] for call in calls} == {SERVICE_ROLE}
+    assert set(roles.values()) == {SERVICE_ROLE}
+
+
+def test_without_a_service_role_no_role_arn_is_passed(aws, driver, images, monkeypatch):
+    assert driver.settings.service_role_arn is None
+    calls = record_stack_changes(monkeypatch, aws["cloudformation"])
+
+    roles = every_stack_change(aws, driver, images)
+
+    assert len(calls) == 6 and {call[2] for call in calls} == {None}
+    assert set(roles.values()) == {None}  # CloudFormation acts with the caller's credentials, as before

@@ -56,6 +56,9 @@ def test_shipped_demo_config_is_valid(project_root):
         (("shop-artifacts", "Shop_Artifacts"), "aws.artifact_bucket: String should match pattern"),
         (('"packer/*.json"', '""'), "infrastructure_paths.1: Value error, empty glob"),
         (("${SHOP_REPO}", "${NOT_SET}"), "repository.url: environment variable ${NOT_SET} is not set"),
+        (("aws:\n", "environments:\n  cloudformation:\n    service_role_arn: arn:aws:iam::123:role/cfn\naws:\n"),
+         "environments.cloudformation.service_role_arn: Value error, not an IAM role ARN "
+         "(arn:<partition>:iam::<12-digit account>:role/<path/name>) (got 'arn:aws:iam::123:role/cfn')"),
     ],
 )
 def test_each_invalid_field_is_named_with_file_and_problem(tmp_path, change, expected):
@@ -64,6 +67,24 @@ def test_each_invalid_field_is_named_with_file_and_problem(tmp_path, change, exp
         load_pipeline_config(path, environ={"SHOP_REPO": "/srv/git/shop.git"})
     assert str(path) in str(err.value)
     assert expected in str(err.value)
+
+
+def test_cloudformation_service_role(tmp_path):
+    environ = {"SHOP_REPO": "/srv/git/shop.git"}
+    assert load_pipeline_config(write(tmp_path, VALID), environ=environ).environments.cloudformation \
+        .service_role_arn is None
+    with_role = VALID.replace("aws:\n", "environments:\n  cloudformation:\n    service_role_arn: ${CFN_ROLE:-}\naws:\n")
+    path = write(tmp_path, with_role)
+    # ${VAR:-} unset expands to "": no service role, as if the field were absent.
+    assert load_pipeline_config(path, environ=environ).environments.cloudformation.service_role_arn is None
+    for role in ("arn:aws:iam::123456789012:role/deployline-cloudformation",
+                 "arn:aws-cn:iam::123456789012:role/cd/deployline-cloudformation"):
+        config = load_pipeline_config(path, environ={**environ, "CFN_ROLE": role})
+        assert config.environments.cloudformation.service_role_arn == role
+    for wrong in ("arn:aws:iam::123456789012:user/deployer", "deployline-cloudformation",
+                  "arn:aws:iam::123456789012:role/", "arn:aws:sts::123456789012:role/x"):
+        with pytest.raises(PipelineConfigError, match="service_role_arn: Value error, not an IAM role ARN"):
+            load_pipeline_config(path, environ={**environ, "CFN_ROLE": wrong})
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path):

@@ -316,6 +316,74 @@ def test_a_stack_that_cannot_be_updated_is_refused(aws, clients, config):
         launch(clients, config, ["notifications"])
 
 
+# --------------------------------------------------------------------------------- the service role
+
+SERVICE_ROLE = "arn:aws:iam::123456789012:role/deployline-cloudformation"
+
+
+def record_stack_changes(monkeypatch, cfn) -> list[tuple[str, str, str | None]]:
+    """(operation, stack, RoleARN) of every create, update and delete."""
+    calls = []
+    for operation in ("create_stack", "update_stack", "delete_stack"):
+        real = getattr(cfn, operation)
+
+        def recorded(real=real, operation=operation, **kwargs):
+            calls.append((operation, kwargs["StackName"], kwargs.get("RoleARN")))
+            return real(**kwargs)
+
+        monkeypatch.setattr(cfn, operation, recorded)
+    return calls
+
+
+def role_of(aws, stack):
+    return aws["cloudformation"].describe_stacks(StackName=stack)["Stacks"][0].get("RoleARN")
+
+
+def test_a_service_role_is_passed_on_every_create_update_and_delete(aws, clients, config, monkeypatch):
+    with_role = config.model_copy(update={"service_role_arn": SERVICE_ROLE})
+    calls = record_stack_changes(monkeypatch, clients.cfn)
+
+    assert launch(clients, with_role, ["notifications"])[0].action == "created"
+    assert role_of(aws, "deployline-notifications") == SERVICE_ROLE
+    renamed = with_role.model_copy(update={"notifications": NotificationSettings(topic_name="deployline-renamed")})
+    assert launch(clients, renamed, ["notifications"])[0].action == "updated"
+    assert role_of(aws, "deployline-notifications") == SERVICE_ROLE  # moto forgets it on an update without one
+    assert launch(clients, renamed, ["notifications"])[0].action == "unchanged"
+    destroy(clients, renamed, ["notifications"])
+
+    stack = "deployline-notifications"
+    assert calls == [("create_stack", stack, SERVICE_ROLE), ("update_stack", stack, SERVICE_ROLE),
+                     ("delete_stack", stack, SERVICE_ROLE)]
+
+
+def test_a_service_role_set_later_comes_with_the_next_change(aws, clients, config):
+    """A role alone is no change: launch compares template, parameters and tags (and moto answers an update
+    that only changes the role with "No updates are to be performed"). A stack made without one gets the role
+    with its next update; a delete uses the role passed to it in any case."""
+    launch(clients, config, ["notifications"])
+    with_role = config.model_copy(update={"service_role_arn": SERVICE_ROLE})
+    assert launch(clients, with_role, ["notifications"])[0].action == "unchanged"
+    assert role_of(aws, "deployline-notifications") is None
+
+    renamed = with_role.model_copy(update={"notifications": NotificationSettings(topic_name="deployline-renamed")})
+    assert launch(clients, renamed, ["notifications"])[0].action == "updated"
+    assert role_of(aws, "deployline-notifications") == SERVICE_ROLE
+
+
+def test_without_a_service_role_no_role_arn_is_passed(aws, clients, config, monkeypatch):
+    assert config.service_role_arn is None
+    calls = record_stack_changes(monkeypatch, clients.cfn)
+
+    launch(clients, config, ["notifications"])
+    assert role_of(aws, "deployline-notifications") is None
+    renamed = config.model_copy(update={"notifications": NotificationSettings(topic_name="deployline-renamed")})
+    launch(clients, renamed, ["notifications"])
+    destroy(clients, renamed, ["notifications"])
+
+    assert [(operation, role) for operation, _, role in calls] == [
+        ("create_stack", None), ("update_stack", None), ("delete_stack", None)]
+
+
 # --------------------------------------------------------------------------------- components and order
 
 
@@ -468,10 +536,12 @@ def test_status_reports_stacks_and_stale_parameters(aws, clients, config):
 def test_the_project_config_loads(monkeypatch):
     monkeypatch.setenv("DEPLOYLINE_ARTIFACT_BUCKET", "my-artifacts")
     monkeypatch.delenv("DEPLOYLINE_CI_REPOSITORY_URL", raising=False)
+    monkeypatch.delenv("DEPLOYLINE_CFN_SERVICE_ROLE_ARN", raising=False)
     config = load_infrastructure_config(ROOT / "include" / "infrastructure.yaml")
     assert config.stack_prefix == "deployline" and config.conn_id == "aws_default"
     assert config.ssm_prefix == "/deployline" and config.artifact_store.bucket == "my-artifacts"
     assert config.ci.repository_url == "" and config.ci.ui_cidr == "10.0.0.0/8"
+    assert config.service_role_arn is None  # ${DEPLOYLINE_CFN_SERVICE_ROLE_ARN:-} unset: no service role
     assert config.source_file.endswith("infrastructure.yaml")
     for component in COMPONENTS:
         assert config.template_path(component).is_file()
@@ -480,12 +550,22 @@ def test_the_project_config_loads(monkeypatch):
         CloudFormationSettings().network_parameter_prefix)
 
 
+def test_the_service_role_comes_from_the_environment():
+    path = ROOT / "include" / "infrastructure.yaml"
+    role = "arn:aws:iam::123456789012:role/cd/deployline-cloudformation"  # a path is fine
+    assert load_infrastructure_config(path, environ={"DEPLOYLINE_CFN_SERVICE_ROLE_ARN": role}).service_role_arn == role
+    assert load_infrastructure_config(path, environ={}).service_role_arn is None
+
+
 @pytest.mark.parametrize("text, expected", [
     ("ci:\n  ui_cidr: 0.0.0.0/0\n", "ci: Value error, ui_cidr: the Airflow UI is never open to the world"),
     ("network:\n  vpc_cidr: 10.40.0.0/33\n", "network.vpc_cidr: Value error, not an IPv4 CIDR block"),
     ("network:\n  public_subnet_cidrs: [10.50.0.0/24, 10.40.1.0/24]\n", "subnet 10.50.0.0/24 is not inside"),
     ("artifact_store:\n  bucket: Not_A_Bucket\n", "artifact_store.bucket: String should match pattern"),
     ("stack_prefx: x\n", "stack_prefx: unknown field"),
+    ("service_role_arn: arn:aws:iam::123456789012:user/deployer\n",
+     "service_role_arn: Value error, not an IAM role ARN (arn:<partition>:iam::<12-digit account>:role/<path/name>) "
+     "(got 'arn:aws:iam::123456789012:user/deployer')"),
     ("region: ${NOT_SET_ANYWHERE}\n", "region: environment variable ${NOT_SET_ANYWHERE} is not set"),
     ("network: [\n", "malformed YAML at line"),
     ("- a\n", "expected a mapping at the top level"),

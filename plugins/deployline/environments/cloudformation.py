@@ -11,6 +11,10 @@ listener (8080). An environment stack created from ``green_spec`` has no load ba
 own: its instances register in the router's idle target group. ``test_endpoint`` and
 ``switch`` point the listeners at a target group with ModifyListener; which environment is
 live is read back from the production listener, never recorded elsewhere.
+
+With ``environments.cloudformation.service_role_arn`` every create, update and delete passes that
+CloudFormation service role (``RoleARN``): CloudFormation makes the resources with its permissions,
+and the pipeline role needs only ``iam:PassRole`` on it (``include/iam/README.md``).
 """
 
 from __future__ import annotations
@@ -56,6 +60,12 @@ HEALTHY_TARGET_STATES = frozenset({"healthy"})
 # Stable states of a stack that runs the environment (after a failed resize, CloudFormation
 # rolls back to the previous, working configuration: UPDATE_ROLLBACK_COMPLETE).
 _READY = frozenset({"CREATE_COMPLETE", "UPDATE_COMPLETE", "UPDATE_ROLLBACK_COMPLETE"})
+
+
+def role_argument(role_arn: str | None) -> dict[str, str]:
+    """``RoleARN`` for CreateStack, UpdateStack and DeleteStack: CloudFormation then acts with that
+    service role, not with the caller's credentials. None: no argument, the caller's own rights."""
+    return {"RoleARN": role_arn} if role_arn else {}
 
 
 def describe_stack(cfn, name: str) -> dict | None:
@@ -168,6 +178,7 @@ class CloudFormationDriver(EnvironmentDriver):
                 TemplateBody=self.template_path.read_text(encoding="utf-8"),
                 Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
                 Tags=[{"Key": k, "Value": v} for k, v in tags.items()],
+                **self._role(),
             )
         except ClientError as exc:
             # Another try created it between our describe and create: wait for that one.
@@ -213,7 +224,7 @@ class CloudFormationDriver(EnvironmentDriver):
             new["MaxCapacity"] = str(size + 1)
         parameters = _parameters(existing, new)
         try:
-            self.cfn.update_stack(StackName=name, UsePreviousTemplate=True, Parameters=parameters)
+            self.cfn.update_stack(StackName=name, UsePreviousTemplate=True, Parameters=parameters, **self._role())
         except ClientError as exc:
             if "No updates are to be performed" in str(exc):
                 return self._info(stack)  # already at that size
@@ -256,6 +267,7 @@ class CloudFormationDriver(EnvironmentDriver):
                 TemplateBody=self.template_path.read_text(encoding="utf-8"),
                 Parameters=_parameters(existing, new),
                 Tags=[{"Key": k, "Value": v} for k, v in tags.items()],
+                **self._role(),
             )
         except ClientError as exc:
             if "No updates are to be performed" in str(exc):
@@ -321,6 +333,7 @@ class CloudFormationDriver(EnvironmentDriver):
                 TemplateBody=self.router_template_path.read_text(encoding="utf-8"),
                 Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
                 Tags=[{"Key": APPLICATION_TAG, "Value": application}, {"Key": ROUTER_TAG, "Value": name}],
+                **self._role(),
             )
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "AlreadyExistsException":
@@ -483,8 +496,13 @@ class CloudFormationDriver(EnvironmentDriver):
     def _describe(self, name: str) -> dict | None:
         return describe_stack(self.cfn, name)
 
+    def _role(self) -> dict[str, str]:
+        # On every create, update and delete, not only the create: AWS keeps a stack's role, but moto
+        # (5.2) forgets it on an update without one, and a changed setting counts from the next call.
+        return role_argument(self.settings.service_role_arn)
+
     def _delete(self, name: str) -> None:
-        self.cfn.delete_stack(StackName=name)
+        self.cfn.delete_stack(StackName=name, **self._role())
         self._wait(name, "stack_delete_complete", "delete")
 
     def _wait_for(self, name: str, waiter: str, action: str) -> EnvironmentInfo:
