@@ -16,12 +16,19 @@ A call that looks like an AWS operation but cannot be attributed to a client fai
 the message), as does a method on a client that is no operation, an unresolvable service or waiter name,
 or an amazon provider class missing from ``PROVIDER_CLASSES``: nothing is skipped silently.
 
-``python tests/unit/test_iam_policy.py`` prints the collected operations and actions.
+The parameters of the calls are collected too: one that hands a role to a service (``RoleARN``,
+``IamInstanceProfile``: ``ROLE_PARAMETERS``) needs ``iam:PassRole``, granted only to that service.
+
+The CloudFormation service role's policy (``include/iam/deployline-cloudformation-service-role.json``) is checked
+against what the templates' resource types need: their handlers' permissions in the resource provider schemas.
+
+``python tests/unit/test_iam_policy.py`` prints the collected operations and actions, and the derivation.
 """
 
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import re
 from collections import defaultdict
@@ -116,10 +123,20 @@ S3_ACTIONS = {
 
 # Further actions IAM authorizes for a call, because of the parameters the code passes.
 IMPLIED = {
-    # images.launch_builder: TagSpecifications (tag on create) and IamInstanceProfile (baking.instance_profile).
-    "ec2:RunInstances": {"ec2:CreateTags", "iam:PassRole"},
+    # images.launch_builder: TagSpecifications (tag on create).
+    "ec2:RunInstances": {"ec2:CreateTags"},
     # images.create_image: TagSpecifications for the image and its snapshots.
     "ec2:CreateImage": {"ec2:CreateTags"},
+}
+
+# Parameters that hand a role to a service: a call passing one needs iam:PassRole, which the policy grants
+# only with iam:PassedToService naming that service. Collected from the calls' keywords (``**request``
+# dicts and helpers returning dicts included).
+ROLE_PARAMETERS = {
+    # images.launch_builder: baking.instance_profile; EC2 gives its role to the builder.
+    ("ec2", "IamInstanceProfile"): "ec2.amazonaws.com",
+    # environments/cloudformation.py and infrastructure.py: the CloudFormation service role (role_argument).
+    ("cloudformation", "RoleARN"): "cloudformation.amazonaws.com",
 }
 
 # Actions the policy may grant on "Resource": "*".
@@ -147,6 +164,9 @@ ACTION_CONDITION_KEYS = {
     "ec2:CreateTags": {"ec2:CreateAction"},
     "iam:PassRole": {"iam:PassedToService"},
     "cloudwatch:PutMetricData": {"cloudwatch:namespace"},
+    # The CloudFormation service role attaches only the managed policies the templates name.
+    "iam:AttachRolePolicy": {"iam:PolicyARN"},
+    "iam:DetachRolePolicy": {"iam:PolicyARN"},
 }
 
 
@@ -234,6 +254,9 @@ class Module:
 @dataclass
 class Collected:
     operations: dict[tuple[str, str], set[str]] = field(default_factory=lambda: defaultdict(set))  # -> where
+    # (service, operation) -> parameter name -> where (the pipeline's calls, not the demo's).
+    parameters: dict[tuple[str, str], dict[str, set[str]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(set)))
     demo: dict[tuple[str, str], set[str]] = field(default_factory=lambda: defaultdict(set))
     unattributed: list[str] = field(default_factory=list)  # looks like an AWS call, client unknown
     unknown: list[str] = field(default_factory=list)  # a client call that is no operation, or unresolvable
@@ -246,6 +269,17 @@ class Collected:
         for (service, operation), where in self.operations.items():
             for action in iam_actions(service, operation):
                 found[action] |= where
+        for principal, where in self.passed_roles().items():
+            found["iam:PassRole"] |= {f"{w} (a role for {principal})" for w in where}
+        return found
+
+    def passed_roles(self) -> dict[str, set[str]]:
+        """The service principals the code hands roles to (ROLE_PARAMETERS) -> where."""
+        found: dict[str, set[str]] = defaultdict(set)
+        for (service, _operation), parameters in self.parameters.items():
+            for name, where in parameters.items():
+                if (service, name) in ROLE_PARAMETERS:
+                    found[ROLE_PARAMETERS[(service, name)]] |= where
         return found
 
 
@@ -623,6 +657,88 @@ class Collector:
             self.result.unknown.append(f"{where}: {ast.unparse(func)}(): {method} is no {service} operation")
             return
         sink[(service, ops[method])].add(where)
+        if sink is self.result.operations:
+            parameters = self.call_parameters(function, call)
+            if parameters is None:
+                # Only a service with a ROLE_PARAMETERS entry can be handed a role through a parameter.
+                if any(s == service for s, _ in ROLE_PARAMETERS):
+                    self.result.unknown.append(f"{where}: {ast.unparse(func)}(): cannot tell its parameters (a ** "
+                                               "argument that is no dict literal, local dict or helper returning one)")
+                return
+            for name in parameters:
+                self.result.parameters[(service, ops[method])][name].add(where)
+
+    # --- the parameters of a call (for ROLE_PARAMETERS)
+
+    def call_parameters(self, function: Function, call: ast.Call) -> set[str] | None:
+        """The parameter names a call passes: its keywords, and the keys of its ``**`` arguments (None: unknown)."""
+        names = set()
+        for keyword in call.keywords:
+            keys = {keyword.arg} if keyword.arg else self.dict_keys(function, keyword.value)
+            if keys is None:
+                return None
+            names |= keys
+        return names
+
+    def dict_keys(self, function: Function, expr: ast.AST, depth: int = 0) -> set[str] | None:
+        """The keys a dict expression can have: a literal (with ``**`` parts), ``a if c else b``, a local variable
+        (its assignment plus ``name["key"] = ...`` in the same scope) or a call of the code's own function
+        returning one of those. None when it is anything else."""
+        if depth > 5:
+            return None
+        if isinstance(expr, ast.Dict):
+            keys = set()
+            for key, value in zip(expr.keys, expr.values, strict=True):
+                if key is None:  # {**other}
+                    inner = self.dict_keys(function, value, depth + 1)
+                    if inner is None:
+                        return None
+                    keys |= inner
+                elif isinstance(key, ast.Constant) and isinstance(key.value, str):
+                    keys.add(key.value)
+                else:
+                    return None
+            return keys
+        if isinstance(expr, ast.IfExp):
+            branches = [self.dict_keys(function, branch, depth + 1) for branch in (expr.body, expr.orelse)]
+            return None if None in branches else branches[0] | branches[1]
+        if isinstance(expr, ast.Name):
+            scope = function
+            while scope is not None:
+                keys, found = set(), False
+                for node in scope.own:
+                    if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+                        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                        for target in targets:
+                            if isinstance(target, ast.Name) and target.id == expr.id:
+                                inner = self.dict_keys(scope, node.value, depth + 1)
+                                if inner is None:
+                                    return None
+                                keys |= inner
+                                found = True
+                            elif isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name) \
+                                    and target.value.id == expr.id:
+                                if not (isinstance(target.slice, ast.Constant) and isinstance(target.slice.value, str)):
+                                    return None
+                                keys.add(target.slice.value)
+                if found:
+                    return keys
+                scope = scope.parent
+            return None
+        if isinstance(expr, ast.Call):
+            callee, _ = self.resolve(function, expr.func)
+            if callee is None:
+                return None
+            target = self.functions[callee]
+            returns = [n.value for n in target.own if isinstance(n, ast.Return) and n.value is not None]
+            keys = set()
+            for value in returns:
+                inner = self.dict_keys(target, value, depth + 1)
+                if inner is None:
+                    return None
+                keys |= inner
+            return keys if returns else None
+        return None
 
 
 def source_files() -> list[Path]:
@@ -718,6 +834,11 @@ def test_the_collection_sees_the_known_calls():
                      ("s3", "ListObjectsV2"), ("s3", "PutObject"), ("s3", "CreateMultipartUpload"),
                      ("elbv2", "ModifyListener"), ("ssm", "SendCommand")]:
         assert expected in operations, expected
+    # Parameters, also through **request dicts and helpers returning one (role_argument).
+    parameters = collected().parameters
+    for operation in ("CreateStack", "UpdateStack", "DeleteStack"):
+        assert "RoleARN" in parameters[("cloudformation", operation)], operation
+    assert "IamInstanceProfile" in parameters[("ec2", "RunInstances")]
 
 
 def test_policy_grants_exactly_the_collected_actions():
@@ -734,32 +855,64 @@ def test_policy_grants_exactly_the_collected_actions():
     assert not message, f"{POLICY.relative_to(ROOT)}:\n" + "\n".join(message)
 
 
-def test_policy_document_is_well_formed():
-    policy = load_policy()
-    assert set(policy) == {"Version", "Statement"}, sorted(policy)
-    assert policy["Version"] == "2012-10-17"
+def test_roles_are_passed_only_to_the_services_the_code_hands_them_to():
+    """iam:PassRole serves two uses (the builders' instance profile, the CloudFormation service role): each
+    statement granting it names one service in iam:PassedToService, and those are exactly the services the
+    code hands roles to (ROLE_PARAMETERS); dropping RoleARN from the code leaves a statement to remove."""
+    passed = collected().passed_roles()
+    granted_to: dict[str, str] = {}
+    for statement in load_policy()["Statement"]:
+        sid, actions = statement["Sid"], _as_list(statement["Action"])
+        if "iam:PassRole" not in actions:
+            continue
+        assert actions == ["iam:PassRole"], f"{sid}: iam:PassRole in a statement of its own"
+        services = _as_list(statement.get("Condition", {}).get("StringEquals", {}).get("iam:PassedToService", []))
+        assert len(services) == 1, f"{sid}: iam:PassRole without iam:PassedToService naming one service"
+        assert services[0] not in granted_to, f"{sid}: a second statement passing roles to {services[0]}"
+        assert _as_list(statement["Resource"]) != ["*"], f"{sid}: iam:PassRole on every role"
+        granted_to[services[0]] = statement["Resource"]
+    assert set(granted_to) == set(passed), (
+        f"roles passed to (policy) {sorted(granted_to)}, by the code {sorted(passed)}: "
+        + "; ".join(f"{p} <- {', '.join(sorted(w))}" for p, w in sorted(passed.items())))
+    # Only the service role, named as include/iam/README.md has it created.
+    assert granted_to["cloudformation.amazonaws.com"] == "arn:aws:iam::*:role/deployline-cloudformation*"
+
+
+def _check_document(path: Path, *, star_ok, size_limit: int, limit: str, wildcards: bool = False) -> None:
+    """The rules every policy document here follows: Version 2012-10-17, a Sid and Effect Allow on every
+    statement, exact actions (or, with ``wildcards``, the trailing ``*`` of an AWS-given pattern), "*" only for
+    actions ``star_ok`` accepts, and the size limit IAM sets for where the policy goes."""
+    policy = json.loads(path.read_text(encoding="utf-8"))
+    name = path.name
+    assert set(policy) == {"Version", "Statement"}, (name, sorted(policy))
+    assert policy["Version"] == "2012-10-17", name
     statements = policy["Statement"]
-    assert isinstance(statements, list) and statements
+    assert isinstance(statements, list) and statements, name
     sids = [s.get("Sid") for s in statements]
-    assert all(isinstance(sid, str) and re.fullmatch(r"[A-Za-z0-9]+", sid) for sid in sids), sids
-    assert len(set(sids)) == len(sids), f"duplicate Sid: {sids}"
+    assert all(isinstance(sid, str) and re.fullmatch(r"[A-Za-z0-9]+", sid) for sid in sids), (name, sids)
+    assert len(set(sids)) == len(sids), f"{name}: duplicate Sid: {sids}"
+    action_pattern = r"[a-z0-9-]+:[A-Za-z0-9]+\*?" if wildcards else r"[a-z0-9-]+:[A-Za-z0-9]+"
     for statement in statements:
-        sid = statement["Sid"]
+        sid = f"{name}: {statement['Sid']}"
         assert set(statement) <= {"Sid", "Effect", "Action", "Resource", "Condition"}, (sid, sorted(statement))
         assert statement["Effect"] == "Allow", sid
         actions, resources = _as_list(statement["Action"]), _as_list(statement["Resource"])
         assert actions and resources, sid
         assert len(set(actions)) == len(actions), f"{sid}: duplicate actions"
         for action in actions:
-            assert re.fullmatch(r"[a-z0-9-]+:[A-Za-z0-9]+", action), f"{sid}: {action!r}: exact actions only, no *"
+            assert re.fullmatch(action_pattern, action), f"{sid}: {action!r}: exact actions only, no *"
         if "*" in resources:
             assert resources == ["*"], f"{sid}: '*' together with other resources"
-            star = sorted(set(actions) - STAR_RESOURCE)
+            star = sorted(a for a in actions if not star_ok(a))
             assert not star, f"{sid}: Resource '*' for {star}, which support resource-level permissions"
+    # IAM counts a policy's characters without whitespace.
+    size = len(re.sub(r"\s", "", path.read_text(encoding="utf-8")))
+    assert size <= size_limit, f"{name}: {size} characters: over the limit of {size_limit:,} for {limit}"
+
+
+def test_policy_document_is_well_formed():
     # An action appears in several statements only where its resources need different conditions.
-    # A customer managed policy holds at most 6,144 characters, whitespace not counted.
-    size = len(re.sub(r"\s", "", POLICY.read_text(encoding="utf-8")))
-    assert size <= 6144, f"{size} characters: over the managed policy limit of 6,144"
+    _check_document(POLICY, star_ok=STAR_RESOURCE.__contains__, size_limit=6144, limit="a managed policy")
 
 
 def _arn_pattern(arn_format: str) -> re.Pattern:
@@ -780,24 +933,34 @@ def _key_pattern(key_format: str) -> re.Pattern:
                       re.IGNORECASE)
 
 
-def test_policy_actions_and_resources_match_the_iam_reference():
-    """Every action exists; "*" only where AWS has no resource type for it (or STAR_RESOURCE says why); every
-    resource ARN is of a type its statement's actions apply to (an ARN no action can match grants nothing);
-    every condition key applies to the action or to the resource types the statement names."""
+def _reference_actions(action: str) -> list[str]:
+    """The reference's actions an action names (several for a wildcard such as ec2:Describe*), lower case."""
+    prefix, name = action.lower().split(":")
+    return [a for a in iam_reference().get(prefix, {}).get("Actions", {}) if fnmatch.fnmatchcase(a, name)]
+
+
+def _reference_problems(policy: dict, star_ok, not_in_reference: frozenset[str] = frozenset()) -> list[str]:
+    """Every action exists (bar ``not_in_reference``); "*" only where the action has no resource type or
+    ``star_ok`` says so; every resource ARN is of a type its statement's actions apply to (an ARN no action can
+    match grants nothing); every condition key applies to the action or to the resource types the statement
+    names."""
     reference = iam_reference()
     problems = []
-    for statement in load_policy()["Statement"]:
+    for statement in policy["Statement"]:
         sid = statement["Sid"]
         resources = _as_list(statement["Resource"])
         used = set()
         for action in _as_list(statement["Action"]):
-            prefix, name = action.split(":")
-            spec = reference.get(prefix, {}).get("Actions", {}).get(name.lower())
-            if spec is None:
+            if action in not_in_reference:
+                used |= set(resources)  # nothing to check it against
+                continue
+            prefix = action.split(":")[0]
+            names = _reference_actions(action)
+            if not names:
                 problems.append(f"{sid}: {action} is no IAM action")
                 continue
-            types = spec.get("Resources", [])
-            if resources == ["*"] and types and action not in STAR_RESOURCE:
+            types = sorted({t for n in names for t in reference[prefix]["Actions"][n].get("Resources", [])})
+            if resources == ["*"] and types and not star_ok(action):
                 problems.append(f"{sid}: {action} on '*' but it supports resource types {types}")
             # The action's resource types (its own service's, else another's: iam:PassRole -> role) that the
             # statement's resources are of.
@@ -818,6 +981,14 @@ def test_policy_actions_and_resources_match_the_iam_reference():
                     problems.append(f"{sid}: condition key {key} does not apply to {action} on {resources}")
         if resources != ["*"]:
             problems += [f"{sid}: resource {r} matches none of its actions" for r in resources if r not in used]
+    return problems
+
+
+def test_policy_actions_and_resources_match_the_iam_reference():
+    """Every action exists; "*" only where AWS has no resource type for it (or STAR_RESOURCE says why); every
+    resource ARN is of a type its statement's actions apply to; every condition key applies."""
+    reference = iam_reference()
+    problems = _reference_problems(load_policy(), STAR_RESOURCE.__contains__)
     star_with_types = [a for a in STAR_RESOURCE
                        if reference[a.split(":")[0]]["Actions"][a.split(":")[1].lower()].get("Resources")]
     assert sorted(star_with_types) == ["cloudformation:DescribeStacks", "cloudwatch:PutMetricData"], (
@@ -825,6 +996,207 @@ def test_policy_actions_and_resources_match_the_iam_reference():
     assert not problems, "\n".join(problems)
 
 
+# --- the CloudFormation service role -------------------------------------------------------------------
+#
+# CloudFormation creates, updates and deletes the templates' resources with the role passed as RoleARN
+# (environments.cloudformation.service_role_arn, service_role_arn in include/infrastructure.yaml). Its policy is
+# derived, not written by hand: each resource type the templates use, and for each the permissions its resource
+# handlers need (the resource provider schemas' handlers.<create|read|update|delete>.permissions, which AWS
+# publishes and cfn-lint ships in cfnlint/data/schemas).
+
+SERVICE_ROLE_POLICY = ROOT / "include" / "iam" / "deployline-cloudformation-service-role.json"
+SERVICE_ROLE_TRUST = ROOT / "include" / "iam" / "deployline-cloudformation-trust-policy.json"
+SERVICE_ROLE_NAME = "deployline-cloudformation"  # as include/iam/README.md creates it
+TEMPLATES = ROOT / "include" / "cloudformation"
+# What CloudFormation does with a stack's resources; "list" serves the Cloud Control API, not stacks.
+HANDLERS = ("create", "read", "update", "delete")
+# The derived actions need more than a managed policy's 6,144 characters: the policy is the role's inline
+# policy (aws iam put-role-policy), and a role's inline policies may hold 10,240 together.
+INLINE_ROLE_POLICY_LIMIT = 10240
+
+# Handler permissions that cfn-lint's copy of the Service Authorization Reference does not know. Granted
+# all the same (IAM takes any action name; one that no service authorizes matches nothing): the handlers list
+# them, and a name missing from the copy may be newer than the copy.
+NOT_IN_REFERENCE = frozenset({
+    # A service prefix the copy lacks; the AutoScalingGroup handler lists these.
+    "managed-fleets:CreateAutoScalingGroup", "managed-fleets:DeleteAutoScalingGroup",
+    "managed-fleets:DeregisterAutoScalingGroup", "managed-fleets:Get*", "managed-fleets:RegisterAutoScalingGroup",
+    "managed-fleets:UpdateAutoScalingGroup",
+    # S3 API operation names in the Bucket handler's list; IAM authorizes them as s3:PutBucketCORS,
+    # s3:PutEncryptionConfiguration, s3:PutReplicationConfiguration, ... (also listed, and granted).
+    "s3:DeleteBucketAnalyticsConfiguration", "s3:DeleteBucketCors", "s3:DeleteBucketEncryption",
+    "s3:DeleteBucketLifecycle", "s3:DeleteBucketMetricsConfiguration", "s3:DeleteBucketReplication",
+    "s3:PutBucketReplication", "s3:PutObjectLockConfiguration",
+})
+
+# Services the service role acts on with Resource "*", and why. S3 (the artifact bucket, deployline-*), SNS (the
+# topic, deployline-*) and IAM (the CI stack's role and instance profile, deployline-ci-environment-*) are scoped
+# by name instead. For the others the templates give their resources no name of ours: AWS assigns the ids and
+# CloudFormation generates the names from stack and logical id; scoping by the aws:cloudformation:stack-name tag
+# would take tag-on-create conditions for every create action, which nothing here (moto) could check.
+SERVICE_ROLE_STAR = {
+    "ec2": "VPC, subnets, gateways, routes, security groups, launch templates, instances: ids assigned by AWS",
+    "elasticloadbalancing": "load balancers, target groups, listeners: names generated by CloudFormation",
+    "autoscaling": "auto scaling groups: names generated by CloudFormation",
+    "cloudwatch": "alarms of an auto scaling group's scaling policies (the group handler manages them)",
+    "ssm": "SSM associations and documents of an instance (the instance handler manages them)",
+    "cognito-idp": "user pools of a listener's authenticate-cognito action (none in the templates)",
+    "s3tables": "S3 metadata tables of a bucket (none in the templates)",
+    "vpc-lattice": "VPC Lattice traffic sources of an auto scaling group (none in the templates)",
+    "managed-fleets": "a service the reference does not know (NOT_IN_REFERENCE): no resource types to go by",
+}
+
+
+@cache
+def template_resource_types() -> dict[str, set[str]]:
+    """Resource type -> the templates (include/cloudformation/*.yaml) that use it."""
+    from cfnlint.decode import decode
+
+    found: dict[str, set[str]] = defaultdict(set)
+    for path in sorted(TEMPLATES.glob("*.yaml")):
+        template, matches = decode(str(path))
+        assert template is not None, f"{path}: {matches}"
+        for resource in template["Resources"].values():
+            found[resource["Type"]].add(path.name)
+    return found
+
+
+@cache
+def handler_permissions() -> dict[str, set[str]]:
+    """Permission -> "<resource type> <handler>" needing it, from cfn-lint's resource provider schemas
+    (``providers/<region>.json`` names each type's schema in ``resources/``; every region's, in case one differs)."""
+    import cfnlint
+
+    schemas = Path(cfnlint.__file__).parent / "data" / "schemas"
+    regions = [json.loads(p.read_text()) for p in sorted((schemas / "providers").glob("*.json")) if p.stem != "sam"]
+    found: dict[str, set[str]] = defaultdict(set)
+    for type_name in sorted(template_resource_types()):
+        digests = {region[type_name] for region in regions if type_name in region}
+        assert digests, f"{type_name}: no resource provider schema in cfn-lint's data"
+        for digest in sorted(digests):
+            handlers = json.loads((schemas / "resources" / f"{digest}.json").read_text()).get("handlers")
+            assert handlers, f"{type_name}: its schema (resources/{digest}.json) has no handlers"
+            for handler in HANDLERS:
+                for permission in handlers.get(handler, {}).get("permissions", []):
+                    found[permission].add(f"{type_name} {handler}")
+    return found
+
+
+@cache
+def service_role_actions() -> dict[str, set[str]]:
+    """The service role's actions: every handler permission, less the exact ones a listed wildcard covers
+    (ec2:DescribeVpcs beside ec2:Describe*). Action -> where it comes from."""
+    permissions = handler_permissions()
+    wildcards = [p.lower() for p in permissions if "*" in p]
+    return {p: where for p, where in permissions.items()
+            if not any(w != p.lower() and fnmatch.fnmatchcase(p.lower(), w) for w in wildcards)}
+
+
+def service_role_star_ok(action: str) -> bool:
+    if action.split(":")[0] in SERVICE_ROLE_STAR:
+        return True
+    reference = iam_reference()
+    prefix = action.split(":")[0]
+    return all(not reference[prefix]["Actions"][n].get("Resources") for n in _reference_actions(action))
+
+
+def load_service_role_policy() -> dict:
+    return json.loads(SERVICE_ROLE_POLICY.read_text(encoding="utf-8"))
+
+
+def service_role_report() -> str:
+    types = template_resource_types()
+    lines = [f"CloudFormation service role: {len(types)} resource type(s) in {TEMPLATES.relative_to(ROOT)}"]
+    lines += [f"    {t:45} {', '.join(sorted(files))}" for t, files in sorted(types.items())]
+    actions = service_role_actions()
+    lines.append(f"handler permissions: {len(handler_permissions())}, as actions: {len(actions)}")
+    lines += [f"    {a:55} {', '.join(sorted(where))}" for a, where in sorted(actions.items())]
+    return "\n".join(lines)
+
+
+def test_service_role_policy_grants_exactly_the_handler_permissions():
+    needed = service_role_actions()
+    have = granted(load_service_role_policy())
+    missing, extra = sorted(set(needed) - have), sorted(have - set(needed))
+    message = []
+    if missing:
+        message.append("missing (the templates' resource handlers need them):\n  " + "\n  ".join(
+            f"{a}  <- {', '.join(sorted(needed[a]))}" for a in missing))
+    if extra:
+        message.append("granted but no handler of the templates' resource types needs them:\n  " + "\n  ".join(extra))
+    assert not message, f"{SERVICE_ROLE_POLICY.relative_to(ROOT)}:\n" + "\n".join(message)
+
+
+def test_service_role_policy_document_is_well_formed():
+    _check_document(SERVICE_ROLE_POLICY, star_ok=service_role_star_ok, size_limit=INLINE_ROLE_POLICY_LIMIT,
+                    limit="a role's inline policies", wildcards=True)
+    # Each action in one statement: a second one would be a second, differently scoped grant.
+    actions = [a for s in load_service_role_policy()["Statement"] for a in _as_list(s["Action"])]
+    assert len(actions) == len(set(actions)), sorted({a for a in actions if actions.count(a) > 1})
+
+
+def test_service_role_policy_matches_the_iam_reference():
+    policy = load_service_role_policy()
+    problems = _reference_problems(policy, service_role_star_ok, NOT_IN_REFERENCE)
+    unknown = {a for a in granted(policy) if not _reference_actions(a)}
+    assert unknown == NOT_IN_REFERENCE, (
+        f"NOT_IN_REFERENCE is out of date: unknown now {sorted(unknown - NOT_IN_REFERENCE)}, "
+        f"known now {sorted(NOT_IN_REFERENCE - unknown)}")
+    starred = {a.split(":")[0] for s in policy["Statement"] if _as_list(s["Resource"]) == ["*"]
+               for a in _as_list(s["Action"])}
+    stale = sorted(set(SERVICE_ROLE_STAR) - starred)
+    assert not stale, f"SERVICE_ROLE_STAR names services with no '*' statement: {stale}"
+    assert not problems, "\n".join(problems)
+
+
+def test_service_role_cannot_change_itself_or_the_pipeline_roles():
+    """Whoever may create a stack with the service role may do what it can: its IAM rights must not reach
+    itself (a template could give it any policy) nor the roles the pipeline passes (deployline-*)."""
+    for statement in load_service_role_policy()["Statement"]:
+        if not any(a.startswith("iam:") for a in _as_list(statement["Action"])):
+            continue
+        for resource in _as_list(statement["Resource"]):
+            assert resource != "*", f"{statement['Sid']}: IAM actions on every resource"
+            for name in (SERVICE_ROLE_NAME, "deployline-builder"):  # the latter: baking.instance_profile's, say
+                assert not fnmatch.fnmatchcase(f"arn:aws:iam::123456789012:role/{name}", resource), (
+                    f"{statement['Sid']}: {resource} covers the role {name}")
+
+
+def test_service_role_attaches_only_the_managed_policies_the_templates_name():
+    """iam:AttachRolePolicy would let a template give its role any managed policy (AdministratorAccess):
+    the condition names those the templates' roles have, no more, no fewer."""
+    from cfnlint.decode import decode
+
+    named = set()
+    for path in sorted(TEMPLATES.glob("*.yaml")):
+        template, _ = decode(str(path))
+        for resource in template["Resources"].values():
+            if resource["Type"] != "AWS::IAM::Role":
+                continue
+            for arn in resource.get("Properties", {}).get("ManagedPolicyArns", []):
+                arn = arn.get("Fn::Sub", arn) if isinstance(arn, dict) else arn
+                named.add(arn.replace("${AWS::Partition}", "aws"))
+    statements = [s for s in load_service_role_policy()["Statement"]
+                  if {"iam:AttachRolePolicy", "iam:DetachRolePolicy"} & set(_as_list(s["Action"]))]
+    assert len(statements) == 1 and set(statements[0]["Condition"]) == {"ArnEquals"}, statements
+    assert sorted(_as_list(statements[0]["Condition"]["ArnEquals"]["iam:PolicyARN"])) == sorted(named)
+
+
+def test_service_role_trust_policy():
+    """Only CloudFormation may assume the service role."""
+    trust = json.loads(SERVICE_ROLE_TRUST.read_text(encoding="utf-8"))
+    assert trust == {
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Sid": "CloudFormationAssumesIt",
+            "Effect": "Allow",
+            "Principal": {"Service": "cloudformation.amazonaws.com"},
+            "Action": "sts:AssumeRole",
+        }],
+    }
+
+
 if __name__ == "__main__":  # the report: python tests/unit/test_iam_policy.py
     print(report())
+    print(service_role_report())
     pytest.main([__file__, "-q", "-p", "no:cacheprovider"])
