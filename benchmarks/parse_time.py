@@ -35,21 +35,31 @@ ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
 TEMPLATE = (ROOT / "include" / "pipelines" / "sample_service.yaml").read_text()
 
+# Every time is a pair: wall clock and this process's CPU time. The wall clock is what the DAG
+# processor reports; CPU time is steadier on a machine shared with other work.
+CLOCK = """
+import time
+def clock():
+    return time.perf_counter(), time.process_time()
+def since(then):
+    now = clock()
+    return {"wall": now[0] - then[0], "cpu": now[1] - then[1]}
+"""
+
 # The driver: bare import, then the processor's parent state, then one fork per DAG file.
 # Children report on a pipe; their stdout and stderr (Airflow's logs) go to /dev/null.
-PER_FILE = r"""
-import time
-started = time.perf_counter()
+PER_FILE = CLOCK + r"""
+started = clock()
 import airflow.sdk
-bare = time.perf_counter() - started
+bare = since(started)
 
 import gc, json, logging, os, sys, traceback
 from pathlib import Path
-started = time.perf_counter()
+started = clock()
 from airflow.dag_processing.processor import _serialize_dags
 from airflow.dag_processing.dagbag import BundleDagBag
 from airflow.utils.dag_version_inflation_checker import check_dag_file_stability
-parent_imports = time.perf_counter() - started
+parent_imports = since(started)
 gc.freeze()  # as DagFileProcessorManager.before_run does
 
 
@@ -57,14 +67,15 @@ def parse_in_child(path, out):
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
-    started = time.perf_counter()
+    started = clock()
     check_dag_file_stability(path)
     bag = BundleDagBag(dag_folder=path, bundle_path=Path(path).parent, bundle_name="dags", load_op_links=False)
-    parsed = time.perf_counter()
+    parse = since(started)
+    started = clock()
     serialized, errors = _serialize_dags(bag, logging.getLogger("parse_time"))
-    done = time.perf_counter()
+    serialize = since(started)
     os.write(out, json.dumps({
-        "parse_s": parsed - started, "serialize_s": done - parsed, "dags": len(serialized),
+        "parse": parse, "serialize": serialize, "dags": len(serialized),
         "tasks": sum(len(d.tasks) for d in bag.dags.values()), "import_errors": len(bag.import_errors | errors),
     }).encode())
     os.close(out)
@@ -89,19 +100,20 @@ for path in sys.argv[1:]:
     if "failed" in result:
         sys.exit(f"parsing {path} failed in the child:\n{result['failed']}")
     files[os.path.basename(path)] = result
-print(json.dumps({"bare_import_s": bare, "parent_imports_s": parent_imports, "files": files}))
+print(json.dumps({"bare_import": bare, "parent_imports": parent_imports, "files": files}))
 """
 
-ONE_PROCESS = r"""
-import time
-started = time.perf_counter()
+ONE_PROCESS = CLOCK + r"""
+started = clock()
 import airflow.sdk
-imported = time.perf_counter()
+bare = since(started)
+started = clock()
 from airflow.dag_processing.dagbag import DagBag
-import sys
+import json, sys
 bag = DagBag(dag_folder=sys.argv[1])
-done = time.perf_counter()
-print(f"{imported - started} {done - imported} {len(bag.dags)} {len(bag.import_errors)}")
+beyond = since(started)
+print(json.dumps({"bare_import": bare, "beyond_import": beyond, "dags": len(bag.dags),
+                  "import_errors": len(bag.import_errors)}))
 """
 
 
@@ -128,74 +140,90 @@ def per_file_run(env: dict) -> dict:
 
 
 def one_process_run(env: dict) -> dict:
-    bare, beyond, dags, errors = python(ONE_PROCESS, [str(DAGS)], env).split()
-    return {"bare_import_s": float(bare), "beyond_import_s": float(beyond), "dags": int(dags),
-            "import_errors": int(errors)}
+    return json.loads(python(ONE_PROCESS, [str(DAGS)], env))
 
 
 def base_env(home: Path) -> dict:
-    return os.environ | {
+    """Airflow in a throwaway home; bytecode cached (in the temporary folder, not the checkout),
+    as a deployed Airflow has it after its first parse, whatever this shell says."""
+    env = os.environ | {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
         "PYTHONPATH": str(ROOT / "plugins"),
+        "PYTHONPYCACHEPREFIX": str(home.parent / "pycache"),
     }
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 def median(values) -> float:
     return round(statistics.median(values), 3)
 
 
-def summarize(count: int, per_file: list[dict], one_process: list[dict]) -> dict:
-    """Medians over the runs; totals are medians of each run's sum, not sums of medians.
+def clock_summary(kind: str, per_file: list[dict], one_process: list[dict]) -> dict:
+    """Medians of one clock (``wall`` or ``cpu``); totals are medians of each run's sum.
 
     The one-process cost beyond the import is paired: each run's ``DagBag`` time after its own
     ``import airflow.sdk``, so that load from elsewhere between two interpreters does not skew it.
     """
     names = sorted(per_file[0]["files"])
-    first = per_file[0]["files"]
-    errors = {name: first[name]["import_errors"] for name in names if first[name]["import_errors"]}
-    if errors or one_process[0]["import_errors"]:
-        raise RuntimeError(f"{count} pipelines: import errors {errors or one_process[0]}")
-    bare = median([r["bare_import_s"] for r in per_file] + [r["bare_import_s"] for r in one_process])
-    files_total = median(sum(f["parse_s"] for f in r["files"].values()) for r in per_file)
-    beyond = median(r["beyond_import_s"] for r in one_process)
+    bare = median([r["bare_import"][kind] for r in per_file] + [r["bare_import"][kind] for r in one_process])
+    files_total = median(sum(f["parse"][kind] for f in r["files"].values()) for r in per_file)
+    beyond = median(r["beyond_import"][kind] for r in one_process)
     return {
-        "pipelines": count,
-        "dags": sum(first[name]["dags"] for name in names),
-        "tasks": sum(first[name]["tasks"] for name in names),
         "bare_import_s": bare,
-        "processor_parent_imports_s": median(r["parent_imports_s"] for r in per_file),
-        "per_file_parse_s": {name: median(r["files"][name]["parse_s"] for r in per_file) for name in names},
-        "per_file_serialize_s": {name: median(r["files"][name]["serialize_s"] for r in per_file) for name in names},
+        "processor_parent_imports_s": median(r["parent_imports"][kind] for r in per_file),
+        "per_file_parse_s": {name: median(r["files"][name]["parse"][kind] for r in per_file) for name in names},
+        "per_file_serialize_s": {name: median(r["files"][name]["serialize"][kind] for r in per_file)
+                                 for name in names},
         "files_parse_total_s": files_total,
-        "files_serialize_total_s": median(sum(f["serialize_s"] for f in r["files"].values()) for r in per_file),
+        "files_serialize_total_s": median(sum(f["serialize"][kind] for f in r["files"].values()) for r in per_file),
         "beyond_import_s": beyond,
         "files_parse_total_ratio": round(files_total / bare, 2),
         "beyond_import_ratio": round(beyond / bare, 2),
+    }
+
+
+def summarize(count: int, per_file: list[dict], one_process: list[dict]) -> dict:
+    first = per_file[0]["files"]
+    errors = {name: f["import_errors"] for name, f in first.items() if f["import_errors"]}
+    if errors or one_process[0]["import_errors"]:
+        raise RuntimeError(f"{count} pipelines: import errors {errors or one_process[0]}")
+    return {
+        "pipelines": count,
+        "dags": sum(f["dags"] for f in first.values()),
+        "tasks": sum(f["tasks"] for f in first.values()),
         "runs": len(per_file),
+        "wall": clock_summary("wall", per_file, one_process),
+        "cpu": clock_summary("cpu", per_file, one_process),
     }
 
 
 def add_growth(results: list[dict]) -> None:
-    """Milliseconds per further pipeline between consecutive counts, for both measures."""
+    """Milliseconds per further pipeline between consecutive counts, for both measures and clocks."""
     for before, after in zip(results, results[1:], strict=False):
         extra = after["pipelines"] - before["pipelines"]
-        after["growth_ms_per_pipeline"] = {
-            measure: round(1000 * (after[f"{measure}_s"] - before[f"{measure}_s"]) / extra, 1)
-            for measure in ("files_parse_total", "beyond_import")}
+        for kind in ("wall", "cpu"):
+            after[kind]["growth_ms_per_pipeline"] = {
+                measure: round(1000 * (after[kind][f"{measure}_s"] - before[kind][f"{measure}_s"]) / extra, 1)
+                for measure in ("files_parse_total", "beyond_import")}
+
+
+def pipelines_env(env: dict, tmp: Path, count: int) -> dict:
+    folder = tmp / f"pipelines-{count}"
+    folder.mkdir(exist_ok=True)
+    write_configs(folder, count)
+    return env | {"DEPLOYLINE_PIPELINES_DIR": str(folder)}
 
 
 def measure(counts: list[int], repeat: int) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         env = base_env(Path(tmp) / "airflow")
-        python("import airflow.sdk; print(0)", [], env)  # warm the file cache once
+        per_file_run(pipelines_env(env, Path(tmp), 1))  # warm the file and bytecode caches
         for count in counts:
-            folder = Path(tmp) / f"pipelines-{count}"
-            folder.mkdir()
-            write_configs(folder, count)
-            counted = env | {"DEPLOYLINE_PIPELINES_DIR": str(folder)}
+            counted = pipelines_env(env, Path(tmp), count)
             # Interleaved, so that a burst of load from elsewhere hits both measures alike.
             per_file, one_process = [], []
             for _ in range(repeat):
