@@ -39,7 +39,12 @@ def test_every_dag_imports_without_errors(parsed):
 
 
 def test_parsing_makes_no_network_git_or_aws_call(parsed):
-    assert parsed["events"] == []
+    assert parsed["events"] == []  # nor writes or removes a file
+
+
+def test_parsing_reads_no_file_but_the_pipeline_configs(parsed):
+    configs = {str(p) for p in (ROOT / "include/pipelines").glob("*.yaml")}
+    assert configs and set(parsed["files_read"]) == configs
 
 
 def test_dag_files_name_the_airflow_modules_their_parse_needs(tmp_path):
