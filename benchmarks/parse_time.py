@@ -1,18 +1,15 @@
 """Parse time of dags/ with N pipeline configs, against a bare ``import airflow.sdk``.
 
-Measured the two ways Airflow parses:
+Measured the two ways Airflow parses (parse_time_driver.py, one fresh interpreter per run):
 
-* **Per file, as the DAG processor does.**  The processor's parent has imported Airflow and
-  its parsing code, freezes its objects for the garbage collector (``gc.freeze()``), imports
-  the ``airflow.*`` modules a DAG file imports itself (``parsing_pre_import_modules``) and
-  forks one child per DAG file; the child runs ``BundleDagBag(file)`` and serializes its DAGs.
-  Here a fresh driver interpreter does the same (timing its own ``import airflow.sdk`` first,
-  the bare import, and the pre-imports, a one-time cost of the parent), forks once per file of
-  dags/ and times the child's parse and serialization.  Each file pays for its other imports:
-  the per-file parse times add up to the processor's work for one pass over dags/.
-* **In one process, as ``airflow dags report`` and the old measurement do**: a fresh
-  interpreter imports ``airflow.sdk`` and then runs ``DagBag(dags/)``; "beyond the import" is
-  its time minus the bare import.
+* **Per file, as the DAG processor does**: its parent has imported Airflow and its parsing
+  code, froze the garbage collector's view of it, imported the ``airflow.*`` modules each DAG
+  file imports itself (``parsing_pre_import_modules``, a one-time cost reported apart) and
+  forks one child per file, which parses it (``BundleDagBag``) and serializes its DAGs.  Each
+  file pays for its other imports: the per-file parse times add up to the processor's work for
+  one pass over dags/.
+* **In one process, as ``airflow dags report`` and the first measurement do**: ``import
+  airflow.sdk``, then ``DagBag(dags/)``; "beyond the import" is the second part.
 
 Reported per pipeline count: medians over --repeat runs, and the growth per further pipeline
 between consecutive counts (linear growth shows as a constant).  ``--report-count N`` also runs
@@ -36,93 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
 TEMPLATE = (ROOT / "include" / "pipelines" / "sample_service.yaml").read_text()
 
-# Every time is a pair: wall clock and this process's CPU time. The wall clock is what the DAG
-# processor reports; CPU time is steadier on a machine shared with other work.
-CLOCK = """
-import time
-def clock():
-    return time.perf_counter(), time.process_time()
-def since(then):
-    now = clock()
-    return {"wall": now[0] - then[0], "cpu": now[1] - then[1]}
-"""
-
-# The driver: bare import, then the processor's parent state, then one fork per DAG file.
-# Children report on a pipe; their stdout and stderr (Airflow's logs) go to /dev/null.
-PER_FILE = CLOCK + r"""
-started = clock()
-import airflow.sdk
-bare = since(started)
-
-import gc, json, logging, os, sys, traceback
-from pathlib import Path
-started = clock()
-import structlog
-from airflow.dag_processing.processor import _pre_import_airflow_modules, _serialize_dags
-from airflow.dag_processing.dagbag import BundleDagBag
-from airflow.utils.dag_version_inflation_checker import check_dag_file_stability
-parent_imports = since(started)
-gc.freeze()  # as DagFileProcessorManager.before_run does
-pre_imports = {"wall": 0.0, "cpu": 0.0}
-
-
-def parse_in_child(path, out):
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    started = clock()
-    check_dag_file_stability(path)
-    bag = BundleDagBag(dag_folder=path, bundle_path=Path(path).parent, bundle_name="dags", load_op_links=False)
-    parse = since(started)
-    started = clock()
-    serialized, errors = _serialize_dags(bag, logging.getLogger("parse_time"))
-    serialize = since(started)
-    os.write(out, json.dumps({
-        "parse": parse, "serialize": serialize, "dags": len(serialized),
-        "tasks": sum(len(d.tasks) for d in bag.dags.values()), "import_errors": len(bag.import_errors | errors),
-    }).encode())
-    os.close(out)
-
-
-files = {}
-for path in sys.argv[1:]:
-    # As DagFileProcessorProcess.start does: the file's own `airflow.*` imports, in the parent.
-    started = clock()
-    _pre_import_airflow_modules(path, structlog.get_logger())
-    pre_imports = {k: v + since(started)[k] for k, v in pre_imports.items()}
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read)
-            parse_in_child(path, write)
-        except BaseException:
-            os.write(write, json.dumps({"failed": traceback.format_exc()}).encode())
-        finally:
-            os._exit(0)  # never run the parent's code in the child
-    os.close(write)
-    with os.fdopen(read) as pipe:
-        result = json.loads(pipe.read())
-    os.waitpid(pid, 0)
-    if "failed" in result:
-        sys.exit(f"parsing {path} failed in the child:\n{result['failed']}")
-    files[os.path.basename(path)] = result
-print(json.dumps({"bare_import": bare, "parent_imports": parent_imports, "parent_pre_imports": pre_imports,
-                  "files": files}))
-"""
-
-ONE_PROCESS = CLOCK + r"""
-started = clock()
-import airflow.sdk
-bare = since(started)
-started = clock()
-from airflow.dag_processing.dagbag import DagBag
-import json, sys
-bag = DagBag(dag_folder=sys.argv[1])
-beyond = since(started)
-print(json.dumps({"bare_import": bare, "beyond_import": beyond, "dags": len(bag.dags),
-                  "import_errors": len(bag.import_errors)}))
-"""
+DRIVER = Path(__file__).with_name("parse_time_driver.py")  # one fresh interpreter's measurement
 
 
 def write_configs(folder: Path, count: int) -> None:
@@ -135,20 +46,20 @@ def dag_files() -> list[str]:
     return sorted(str(p) for p in DAGS.glob("*.py"))
 
 
-def python(code: str, args: list[str], env: dict) -> str:
-    """Run ``code`` in a fresh interpreter; its last stdout line (Airflow may log before it)."""
-    done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
+def driver(env: dict, *args: str) -> dict:
+    """A fresh interpreter running parse_time_driver.py; its JSON (Airflow may log before it)."""
+    done = subprocess.run([sys.executable, str(DRIVER), *args], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark interpreter failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return done.stdout.strip().splitlines()[-1]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def per_file_run(env: dict) -> dict:
-    return json.loads(python(PER_FILE, dag_files(), env))
+    return driver(env, "per-file", *dag_files())
 
 
 def one_process_run(env: dict) -> dict:
-    return json.loads(python(ONE_PROCESS, [str(DAGS)], env))
+    return driver(env, "one-process", str(DAGS))
 
 
 def base_env(home: Path) -> dict:
@@ -183,6 +94,7 @@ def clock_summary(kind: str, per_file: list[dict], one_process: list[dict]) -> d
         "bare_import_s": bare,
         "processor_parent_imports_s": median(r["parent_imports"][kind] for r in per_file),
         "processor_parent_pre_imports_s": median(r["parent_pre_imports"][kind] for r in per_file),
+        "airflow_ms_per_bare_task": round(1000 * statistics.median(r["bare_task"][kind] for r in per_file), 3),
         "per_file_parse_s": {name: median(r["files"][name]["parse"][kind] for r in per_file) for name in names},
         "per_file_serialize_s": {name: median(r["files"][name]["serialize"][kind] for r in per_file)
                                  for name in names},
