@@ -9,7 +9,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
-    "parse_time": ["parse_time.py", "--counts", "1,50", "--repeat", "5"],
+    "parse_time": ["parse_time.py", "--counts", "1,10,50,200", "--repeat", "5", "--report-count", "50"],
     "commit_to_artifact": ["commit_to_artifact.py", "--commits", "3"],
     "ami_sensor_latency": ["ami_sensor_latency.py", "--samples", "5"],
     "capacity_and_switch": ["capacity_and_switch.py"],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+from contextlib import contextmanager
 
 from deployline.config import PipelineConfigError, load_all
 
@@ -25,13 +27,31 @@ def build_pipeline_dags(namespace: dict) -> list[str]:
     from deployline.delivery_metrics import build_delivery_metrics_dag
     from deployline.self_service import build_reaper_dag, build_self_service_dag
 
-    dags = [build_reaper_dag(configs), build_delivery_metrics_dag(configs)]
-    for config in configs:
-        dags += [build_poll_dag(config), build_pipeline_dag(config), build_self_service_dag(config)]
-        dags += [build_gate_dag(config, gate) for gate in GATES]
+    with _gc_paused():
+        dags = [build_reaper_dag(configs), build_delivery_metrics_dag(configs)]
+        for config in configs:
+            dags += [build_poll_dag(config), build_pipeline_dag(config), build_self_service_dag(config)]
+            dags += [build_gate_dag(config, gate) for gate in GATES]
     for dag in dags:
         namespace[dag.dag_id] = dag
     return [dag.dag_id for dag in dags]
+
+
+@contextmanager
+def _gc_paused():
+    """Builds DAGs with Python's cyclic garbage collector paused.
+
+    Nearly every object made while building the DAGs stays alive (they are the DAGs), so the
+    collector's passes find nothing, yet each full pass walks every object in the process,
+    Airflow's included: at 50 pipelines that was about a tenth of the parse, in one process.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def check_configs() -> None:

@@ -51,8 +51,8 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 from deployline.config import PROJECT_ROOT, PipelineConfigError, ServiceRoleArn, _Strict, expand_vars
 from deployline.config import _describe as _describe_error
 from deployline.environments.cloudformation import describe_stack, role_argument
+from deployline.infrastructure_components import COMPONENTS
 
-COMPONENTS = ("network", "artifact_store", "notifications", "ci_environment")
 DEPENDENCIES: dict[str, tuple[str, ...]] = {"ci_environment": ("network",)}
 
 CONFIG_ENV = "DEPLOYLINE_INFRASTRUCTURE_CONFIG"

@@ -2,7 +2,8 @@
 
 The same code as ``python -m deployline infra`` (``deployline.infrastructure``), with the
 Airflow AWS connection.  The DAG reads nothing at parse time: the settings file
-(``include/infrastructure.yaml``) is read when a run starts.
+(``include/infrastructure.yaml``) is read when a run starts, and ``deployline.infrastructure``
+(its pydantic models, CloudFormation and AWS code) is imported by the tasks, not by the parse.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ import logging
 
 from airflow.sdk import DAG, Param, chain, get_current_context, task
 
-from deployline import infrastructure
 from deployline.dag_defaults import START_DATE, default_args
-from deployline.infrastructure import COMPONENTS
+from deployline.infrastructure_components import COMPONENTS
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ def build_support_infrastructure_dag() -> DAG:
 
         @task(task_id="plan")
         def plan() -> dict:
+            from deployline import infrastructure
+
             params = get_current_context()["params"]
             config = infrastructure.load_infrastructure_config()
             components = infrastructure.resolve_components(params["components"] or ["all"])
@@ -81,18 +83,24 @@ def build_support_infrastructure_dag() -> DAG:
 
         @task(task_id="launch")
         def launch(plan: dict) -> list[dict]:
+            from deployline import infrastructure
+
             config = infrastructure.load_infrastructure_config()
             clients = infrastructure.clients_from_airflow(config)
             return _reported(lambda: infrastructure.launch(clients, config, plan["components"]))
 
         @task(task_id="destroy")
         def destroy(plan: dict) -> list[dict]:
+            from deployline import infrastructure
+
             config = infrastructure.load_infrastructure_config()
             clients = infrastructure.clients_from_airflow(config)
             return _reported(lambda: infrastructure.destroy(clients, config, plan["components"], force=plan["force"]))
 
         @task(task_id="report_status")
         def report_status(plan: dict) -> list[dict]:
+            from deployline import infrastructure
+
             config = infrastructure.load_infrastructure_config()
             found = infrastructure.status(infrastructure.clients_from_airflow(config), config, plan["components"])
             for item in found:
@@ -106,6 +114,8 @@ def build_support_infrastructure_dag() -> DAG:
 
 def _reported(operation) -> list[dict]:
     """Run ``operation``; one log line per component, also for those done before a failure."""
+    from deployline import infrastructure
+
     try:
         results = operation()
     except infrastructure.InfrastructureError as exc:

@@ -1,23 +1,32 @@
 """Parse dags/ the way the DAG processor does, in a fresh interpreter, and print JSON.
 
-Every socket connection, subprocess and process spawn made while the DAG files run is
-recorded through an audit hook, so a test can prove parsing is offline.
+Every socket connection, subprocess, process spawn and file written or removed while the DAG
+files run is recorded through an audit hook, and every file read other than Python code, so a
+test can prove parsing is offline and reads nothing but the pipeline configs.
 """
 
 import json
+import os
 import sys
 import time
 
 from airflow.dag_processing.dagbag import DagBag  # imported before the hook: only parsing is watched
 
 events = []
+files_read = set()
 WATCHED = ("socket.connect", "socket.getaddrinfo", "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn",
-           "os.fork")
+           "os.fork", "os.remove", "os.rename", "os.mkdir", "os.rmdir", "os.truncate", "shutil.")
+CODE = (".py", ".pyc", ".so", ".pth")  # Python's own imports and bytecode cache
 
 
 def hook(event, args):
     if event.startswith(WATCHED):
         events.append(f"{event} {args!r}"[:300])
+    elif event == "open" and isinstance(args[0], str | os.PathLike) and not os.fspath(args[0]).endswith(CODE):
+        if any(m in (args[1] or "r") for m in "wax+"):
+            events.append(f"{event} {args!r}"[:300])
+        else:
+            files_read.add(os.fspath(args[0]))
 
 
 sys.addaudithook(hook)
@@ -58,4 +67,5 @@ print(json.dumps({
     "import_errors": bag.import_errors,
     "dags": {dag_id: shape(dag) for dag_id, dag in bag.dags.items()},
     "events": events,
+    "files_read": sorted(files_read),
 }))

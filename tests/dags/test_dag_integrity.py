@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("parse_dags.py")
 
 
-def parse(tmp_path, pipelines_dir=None) -> dict:
+def parse(tmp_path, pipelines_dir=None, script=SCRIPT) -> dict:
     env = os.environ | {
         "AIRFLOW_HOME": str(tmp_path / "airflow"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
@@ -21,7 +21,7 @@ def parse(tmp_path, pipelines_dir=None) -> dict:
     env.pop("DEPLOYLINE_PIPELINES_DIR", None)
     if pipelines_dir:
         env["DEPLOYLINE_PIPELINES_DIR"] = str(pipelines_dir)
-    done = subprocess.run([sys.executable, str(SCRIPT), str(ROOT / "dags")], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, str(script), str(ROOT / "dags")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -39,7 +39,21 @@ def test_every_dag_imports_without_errors(parsed):
 
 
 def test_parsing_makes_no_network_git_or_aws_call(parsed):
-    assert parsed["events"] == []
+    assert parsed["events"] == []  # nor writes or removes a file
+
+
+def test_parsing_reads_no_file_but_the_pipeline_configs(parsed):
+    configs = {str(p) for p in (ROOT / "include/pipelines").glob("*.yaml")}
+    assert configs and set(parsed["files_read"]) == configs
+
+
+def test_dag_files_name_the_airflow_modules_their_parse_needs(tmp_path):
+    # The DAG processor imports a file's own `airflow.*` imports once, in its parent; an Airflow
+    # module that only deployline imports is imported again in every parse of the file.
+    found = parse(tmp_path, script=SCRIPT.with_name("airflow_imports_at_parse.py"))
+    assert set(found) == {p.name for p in (ROOT / "dags").glob("*.py")}
+    missing = {name: modules for name, modules in found.items() if modules}
+    assert not missing, f"import these (or the modules that import them) at the top of the DAG file: {missing}"
 
 
 def test_poll_dag_shape(parsed):

@@ -14,10 +14,23 @@ def load(name):
 
 
 def test_parse_benchmark_runs():
-    results = load("parse_time").measure([2], repeat=1)
-    assert [r["pipelines"] for r in results] == [2]
-    assert results[0]["dags"] > 2
-    assert results[0]["import_and_parse_s"] > 0
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "parse_time.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])  # the JSON is the last line
+    [parsed] = result["parse"]
+    assert parsed["pipelines"] == 2 and parsed["dags"] > 2
+    for clock in ("wall", "cpu"):
+        assert set(parsed[clock]["per_file_parse_s"]) == {p.name for p in (ROOT / "dags").glob("*.py")}
+        assert parsed[clock]["files_parse_total_s"] > 0 and parsed[clock]["bare_import_s"] > 0
+
+
+def test_parse_benchmark_reads_the_cli_durations():
+    assert load("parse_time").duration_seconds("0:01:02.500000") == 62.5
 
 
 def test_capacity_and_switch_benchmark_runs():
