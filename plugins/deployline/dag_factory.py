@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
+from functools import partial
 
 from deployline.config import PipelineConfigError, load_all
 
@@ -15,26 +17,42 @@ def build_pipeline_dags(namespace: dict) -> list[str]:
     """Put the DAGs of every valid pipeline config into ``namespace`` (a DAG file's globals).
 
     Broken configs are skipped here, so they never hide the others; ``check_configs``
-    reports them as an import error of its own DAG file.
+    reports them as an import error of its own DAG file.  A task's process parses this file
+    to run one task of one DAG (Airflow's parsing context names it): only that DAG is built.
     """
-    from deployline.pipeline import build_pipeline_dag
-    from deployline.polling import build_poll_dag
+    from airflow.sdk import get_parsing_context
 
     configs, errors = load_all()
     for error in errors:
         log.warning("skipping pipeline config: %s", error)
-    from deployline.approvals import GATES, build_gate_dag
-    from deployline.delivery_metrics import build_delivery_metrics_dag
-    from deployline.self_service import build_reaper_dag, build_self_service_dag
-
+    builders = dag_builders(configs)
+    wanted = get_parsing_context().dag_id
+    if wanted in builders:
+        builders = {wanted: builders[wanted]}
     with _gc_paused():
-        dags = [build_reaper_dag(configs), build_delivery_metrics_dag(configs)]
-        for config in configs:
-            dags += [build_poll_dag(config), build_pipeline_dag(config), build_self_service_dag(config)]
-            dags += [build_gate_dag(config, gate) for gate in GATES]
+        dags = [build() for build in builders.values()]
     for dag in dags:
         namespace[dag.dag_id] = dag
     return [dag.dag_id for dag in dags]
+
+
+def dag_builders(configs: list) -> dict[str, Callable[[], object]]:
+    """Every DAG of ``configs`` by its id, not built yet."""
+    from deployline.approvals import GATES, build_gate_dag, gate_dag_id
+    from deployline.delivery_metrics import DAG_ID as METRICS_DAG_ID
+    from deployline.delivery_metrics import build_delivery_metrics_dag
+    from deployline.pipeline import build_pipeline_dag
+    from deployline.polling import build_poll_dag
+    from deployline.self_service import REAPER_DAG_ID, build_reaper_dag, build_self_service_dag, self_service_dag_id
+
+    builders = {REAPER_DAG_ID: partial(build_reaper_dag, configs),
+                METRICS_DAG_ID: partial(build_delivery_metrics_dag, configs)}
+    for config in configs:
+        builders[config.poll_dag_id] = partial(build_poll_dag, config)
+        builders[config.pipeline_dag_id] = partial(build_pipeline_dag, config)
+        builders[self_service_dag_id(config)] = partial(build_self_service_dag, config)
+        builders.update({gate_dag_id(config, gate): partial(build_gate_dag, config, gate) for gate in GATES})
+    return builders
 
 
 @contextmanager

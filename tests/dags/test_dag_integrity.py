@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("parse_dags.py")
 
 
-def parse(tmp_path, pipelines_dir=None, script=SCRIPT) -> dict:
-    env = os.environ | {
+def parse(tmp_path, pipelines_dir=None, script=SCRIPT, extra_env=None) -> dict:
+    env = os.environ | (extra_env or {}) | {
         "AIRFLOW_HOME": str(tmp_path / "airflow"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -45,6 +45,17 @@ def test_parsing_makes_no_network_git_or_aws_call(parsed):
 def test_parsing_reads_no_file_but_the_pipeline_configs(parsed):
     configs = {str(p) for p in (ROOT / "include/pipelines").glob("*.yaml")}
     assert configs and set(parsed["files_read"]) == configs
+
+
+@pytest.mark.parametrize("dag_id", ["sample_service_pipeline", "sample_service_approve_production",
+                                    "self_service_reaper"])
+def test_a_task_process_builds_only_the_dag_of_its_task(tmp_path, parsed, dag_id):
+    """A task's process parses the DAG file with Airflow's parsing context naming its DAG."""
+    found = parse(tmp_path, extra_env={"_AIRFLOW_PARSING_CONTEXT_DAG_ID": dag_id,
+                                       "_AIRFLOW_PARSING_CONTEXT_TASK_ID": "any"})
+    assert found["import_errors"] == {}
+    assert set(found["dags"]) == {dag_id, "support_infrastructure"}  # the stage-0 file has one DAG
+    assert found["dags"][dag_id] == parsed["dags"][dag_id]  # the same DAG as a full parse builds
 
 
 def test_dag_files_name_the_airflow_modules_their_parse_needs(tmp_path):
