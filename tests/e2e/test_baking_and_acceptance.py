@@ -147,13 +147,14 @@ def test_a_base_image_that_turns_failed_stops_the_release_and_leaves_no_builder(
     embedded.git("push", "--quiet", "origin", "HEAD:refs/heads/fault/base-image", cwd=e2e.clone)
     embedded.git("reset", "--quiet", "--hard", head, cwd=e2e.clone)
     version = e2e.version(sha)
-    names.add(f"sample_service-base-{version}")
+    names.add(f"sample_service-base-{version}")  # the name 1-baking gives the image
 
     run_id = e2e.api.trigger("sample_service_pipeline", conf={"commit": sha}, run_id="manual__fault_base_image")[
         "dag_run_id"]
     e2e.wait_for_tasks(run_id, ("1-baking.wait_for_base_image",), states=("deferred",), timeout=240)
-    assert list(made) == [f"sample_service-base-{version}"], (made, e2e.task_states(e2e.api.run("sample_service_pipeline", run_id)))
-    image = made[f"sample_service-base-{version}"]
+    name = f"sample_service-base-{version}"
+    assert list(made) == [name], (made, e2e.task_states(e2e.api.run("sample_service_pipeline", run_id)))
+    image = made[name]
     image.state = "failed"  # as EC2 reports an image it could not make
     run = e2e.api.wait_for_run("sample_service_pipeline", run_id, timeout=300)
     states = e2e.task_states(run)
