@@ -118,11 +118,18 @@ class Forms:
 def forms(e2e):
     forms = Forms(e2e)
     yield forms
-    # Whatever happened: destroy everything this module launched, through the form first...
+    # Whatever happened: destroy everything this module launched, through the form first (the
+    # destroy runs side by side)...
+    runs = {}
     for owner in sorted(forms.owners):
         try:
-            forms.trigger(action="destroy", owner=owner)
+            runs[owner] = forms.post(DAG_ID, {"action": "destroy", "owner": owner})
         except Exception as exc:  # the backstop below still runs
+            print(f"destroying the environments of {owner} through the form failed: {exc}")
+    for owner, run_id in runs.items():
+        try:
+            forms.e2e.api.wait_for_run(DAG_ID, run_id, timeout=300)
+        except Exception as exc:
             print(f"destroying the environments of {owner} through the form failed: {exc}")
     # ...then directly, so that no process outlives the session whatever failed.
     driver = LocalDriver(e2e.s3, root=e2e.home / "deployline" / "environments")
