@@ -9,6 +9,7 @@ running (pre-production, production and its address outlive Airflow on purpose).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -193,4 +194,6 @@ def embedded_stack(bucket: str = "deployline-bench", airflow_defaults: bool = Fa
                 for name in ("airflow.log", "moto.log"):
                     if (root / name).exists():
                         (keep / name).write_bytes((root / name).read_bytes())
+                if (home / "logs").exists():  # the task and trigger logs
+                    shutil.copytree(home / "logs", keep / "task-logs", dirs_exist_ok=True)
             signal.signal(signal.SIGTERM, previous)

@@ -14,7 +14,9 @@ measures, several times over --settle seconds:
   the DAG processor and the API server: before the runs, while they all wait, and after
   they were rejected.
 
-Then every decision is marked failed (rejected) and the runs end, so nothing is left.
+Then every decision is marked failed (rejected), one run after the other, and the runs end, so
+nothing is left. (Rejecting all 20 within seconds once stopped the triggerer: SQLite's lock,
+see docs/PERFORMANCE.md; --reject-at-once does that.)
 The JSON is the last line of stdout.
 """
 
@@ -102,11 +104,48 @@ def decide(api, run_id: str, state: str, note: str) -> None:
     api.set_task_state(GATE, run_id, "decision", state, note=note)
 
 
+def reject_all(bench, api, approver, run_ids: list[str], at_once: bool) -> dict:
+    """Reject every waiting run so nothing is left: one at a time, each run ended before the next
+    (``at_once``: every decision first, then wait). Stops early when the triggerer is gone."""
+    found = {"rejected": 0, "seconds_to_end": [], "left_running": [], "triggerer_alive": True}
+
+    def ended(run_id: str) -> bool:
+        return api.run(PIPELINE, run_id)["state"] in ("success", "failed")
+
+    waiting = [r for r in run_ids if states_of(api, r).get(WAIT) == "deferred"]
+    for run_id in waiting:
+        decide(approver, run_id, "failed", "benchmark: rejected")
+        found["rejected"] += 1
+        if not at_once:
+            started = time.time()
+            try:
+                embedded.wait_until(lambda r=run_id: ended(r), 180, f"{run_id} to end", 2)
+                found["seconds_to_end"].append(round(time.time() - started, 1))
+            except embedded.StackError:
+                pass
+        if "triggerer" not in bench.components():
+            found["triggerer_alive"] = False
+            break
+    deadline = time.time() + 300
+    while time.time() < deadline and found["triggerer_alive"]:
+        if all(ended(r) for r in run_ids):
+            break
+        found["triggerer_alive"] = "triggerer" in bench.components()
+        time.sleep(5)
+    found["left_running"] = [r for r in run_ids if not ended(r)]
+    found["seconds_to_end"] = summary(found["seconds_to_end"])
+    if not found["triggerer_alive"]:
+        print("the triggerer has exited: see airflow.log (DEPLOYLINE_BENCH_KEEP_LOGS keeps it)", file=sys.stderr)
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--settle", type=float, default=30, help="seconds of samples while all of them wait")
     parser.add_argument("--timeout", type=float, default=2400, help="seconds for the runs to reach the approval")
+    parser.add_argument("--reject-at-once", action="store_true",
+                        help="reject every run at once at the end (else one after the other)")
     args = parser.parse_args()
     result: dict = {"runs": args.runs, "loadavg_before": loadavg()}
     with embedded_stack(BUCKET, config_changes=CONFIG_CHANGES) as bench:
@@ -167,12 +206,8 @@ def main() -> int:
             "last": samples[-1],
         }
         result["memory_while_waiting_mib"] = samples[-1]["memory_mib"]
-
-        for run_id in run_ids:  # reject them all: nothing is left waiting
-            if states_of(api, run_id).get(WAIT) == "deferred":
-                decide(approver, run_id, "failed", "benchmark: rejected")
-        for run_id in run_ids:
-            api.wait_for_run(PIPELINE, run_id, timeout=600)
+        print(f"while waiting: {json.dumps(result)}", file=sys.stderr, flush=True)  # kept if the rest fails
+        result["cleanup"] = reject_all(bench, api, approver, run_ids, args.reject_at_once)
         time.sleep(10)
         result["memory_after_mib"] = memory(bench)
         result["slots_after"] = slots(api)
