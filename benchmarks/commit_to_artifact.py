@@ -13,26 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import sys
-import tempfile
-import time
-from datetime import datetime
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "plugins"))
+from benchstack import APP, AirflowApi, embedded, embedded_stack, loadavg, pipeline_run_id, ts
 
-from deployline import embedded  # noqa: E402
-from deployline.airflow_api import AirflowApi  # noqa: E402
-from deployline.sensors import pipeline_run_id  # noqa: E402
-
-APP, BUCKET = "sample_service", "deployline-bench"
-
-
-def ts(value: str) -> float:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+BUCKET = "deployline-bench"
 
 
 def follow(api: AirflowApi, sha: str, pushed_at: float) -> dict:
@@ -65,41 +51,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--commits", type=int, default=3)
     args = parser.parse_args()
-    # Stopped from outside: still run the finally below, so nothing is left running.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    stack = embedded.Stack()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        try:
-            moto = embedded.start_moto(stack, embedded.free_port(), root / "moto.log")
-            embedded.ensure_bucket(moto, BUCKET)
-            bare, clone = root / "repo.git", root / "clone"
-            seed = embedded.seed_repository(bare, clone)
-            env = embedded.airflow_env(root / "airflow", embedded.free_port(), moto, {
-                "DEPLOYLINE_DEMO_REPO": str(bare), "DEPLOYLINE_ARTIFACT_BUCKET": BUCKET})
-            started = time.time()
-            base = embedded.start_airflow(stack, env, root / "airflow.log")
-            print(f"airflow standalone healthy in {time.time() - started:.1f}s", file=sys.stderr)
-            api = AirflowApi(base, "admin", embedded.password(root / "airflow"))
-            first = follow(api, seed, started)
-            print(f"seeded commit: {first}", file=sys.stderr)
-            samples = []
-            for n in range(args.commits):
-                (clone / "NOTES.md").write_text(f"change {n}\n")
-                embedded.git("add", "-A", cwd=clone)
-                embedded.git("commit", "--quiet", "-m", f"bench {n}", cwd=clone)
-                sha = embedded.git("rev-parse", "HEAD", cwd=clone)
-                pushed_at = time.time()
-                embedded.git("push", "--quiet", "origin", "HEAD:main", cwd=clone)
-                sample = follow(api, sha, pushed_at)
-                print(f"commit {n}: {sample}", file=sys.stderr)
-                samples.append(sample)
-        finally:
-            stack.stop()
+    with embedded_stack(BUCKET) as bench:
+        api = bench.api
+        first = follow(api, bench.seed, bench.started_at)
+        print(f"seeded commit: {first}", file=sys.stderr)
+        samples = []
+        for n in range(args.commits):
+            sha, pushed_at = bench.push_commit(f"bench {n}")
+            sample = follow(api, sha, pushed_at)
+            print(f"commit {n}: {sample}", file=sys.stderr)
+            samples.append(sample)
     summary = {key: {"median": statistics.median(s[key] for s in samples), "max": max(s[key] for s in samples)}
                for key in samples[0]}
-    print(json.dumps({"seeded_commit": first, "commits": len(samples), "samples": samples, "summary": summary},
-                     indent=2))
+    print(json.dumps({"seeded_commit": first, "commits": len(samples), "samples": samples, "summary": summary,
+                      "healthy_s": round(bench.healthy_s, 1), "loadavg": loadavg()}))
     return 0
 
 

@@ -13,6 +13,10 @@ BENCHMARKS = {
     "commit_to_artifact": ["commit_to_artifact.py", "--commits", "3"],
     "ami_sensor_latency": ["ami_sensor_latency.py", "--samples", "5"],
     "capacity_and_switch": ["capacity_and_switch.py"],
+    "orchestration": ["orchestration.py", "--releases", "3"],
+    "orchestration_airflow_defaults": ["orchestration.py", "--releases", "3", "--airflow-defaults"],
+    "waiting_cost": ["waiting_cost.py", "--runs", "20"],
+    "polling": ["polling.py", "--pokes", "50", "--pushes", "6"],
 }
 
 

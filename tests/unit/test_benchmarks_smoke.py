@@ -1,6 +1,7 @@
 """The benchmark code works (a quick run); timings are for `make bench`, never asserted here."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -9,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def load(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -45,3 +47,32 @@ def test_capacity_and_switch_benchmark_runs():
     assert result["capacity_size_2"]["expected"]["requests"] > 0
     assert result["locust_ceiling"]["requests"] > 0
     assert result["blue_green"]["switches"] == 1 and result["blue_green"]["requests"] > 0
+
+
+def test_polling_benchmark_runs(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    result = load("polling").measure_pokes(2, tmp_path)
+    assert result["poke"]["calls"] == 2 and result["poke"]["median_s"] > 0
+    # git's trace names the processes one poke started: the ref listing and its remote side.
+    assert result["poke"]["git_processes_per_call"] == {"ls-remote": 1, "upload-pack": 1}
+
+
+def test_orchestration_report_and_tuning_switch():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    stack = load("benchstack")
+    env = {"AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2", "AIRFLOW__CORE__PARALLELISM": "16",
+           "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10", "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    assert stack.tuned_env(env, airflow_defaults=True) == {"AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    tuned = stack.tuned_env(env, overrides={"AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
+                                            "AIRFLOW__CORE__PARALLELISM": ""})
+    assert tuned["AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME"] == "0.2" and "AIRFLOW__CORE__PARALLELISM" not in tuned
+
+    from test_orchestration_analysis import RUN, TASKS, TIS
+
+    sample = load("orchestration_analysis").analyse_run(RUN, TASKS, TIS, target="s2.deploy") | {
+        "push_to_production_s": 30.0, "push_to_run_created_s": 5.0, "run_created_to_start_s": 0.5,
+        "approvals": {"exploratory": {"marked_to_resumed_s": 2.0}, "production": {"marked_to_resumed_s": None}}}
+    report = load("orchestration").report([sample, sample])
+    assert report["releases"] == 2 and report["push_to_production_s"]["median"] == 30.0
+    assert report["stages"]["s2"]["waiting_s"]["median"] == 9 and report["stages"]["s2"]["dominated_by"] == ["waiting"]
+    assert report["approval_marked_to_resumed_s"]["n"] == 2
