@@ -20,6 +20,7 @@ from deployline.environments.cloudformation import (
     router_name,
 )
 from moto import mock_aws
+from stack_changes import SERVICE_ROLE, record_stack_changes
 
 REGION = "us-east-1"
 PREFIX = "/deployline/network"
@@ -448,23 +449,6 @@ def test_health_problem_is_one_look(aws, driver, images):
 
 
 # ---------------------------------------------------------------------- the CloudFormation service role
-
-SERVICE_ROLE = "arn:aws:iam::123456789012:role/deployline-cloudformation"
-
-
-def record_stack_changes(monkeypatch, cfn) -> list[tuple[str, str, str | None]]:
-    """(operation, stack, RoleARN) of every create, update and delete the driver makes."""
-    calls = []
-    for operation in ("create_stack", "update_stack", "delete_stack"):
-        real = getattr(cfn, operation)
-
-        def recorded(real=real, operation=operation, **kwargs):
-            calls.append((operation, kwargs["StackName"], kwargs.get("RoleARN")))
-            return real(**kwargs)
-
-        monkeypatch.setattr(cfn, operation, recorded)
-    return calls
-
 
 def every_stack_change(aws, driver, images) -> dict[str, str | None]:
     """Environment and router: create, resize, update in place, tear down; the stacks' RoleARN meanwhile."""

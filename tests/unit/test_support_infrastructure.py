@@ -48,6 +48,7 @@ from deployline.infrastructure import (
 from moto import mock_aws
 from moto.cloudformation.models import cloudformation_backends
 from moto.core import DEFAULT_ACCOUNT_ID
+from stack_changes import SERVICE_ROLE, record_stack_changes
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "include" / "cloudformation"
@@ -317,23 +318,6 @@ def test_a_stack_that_cannot_be_updated_is_refused(aws, clients, config):
 
 
 # --------------------------------------------------------------------------------- the service role
-
-SERVICE_ROLE = "arn:aws:iam::123456789012:role/deployline-cloudformation"
-
-
-def record_stack_changes(monkeypatch, cfn) -> list[tuple[str, str, str | None]]:
-    """(operation, stack, RoleARN) of every create, update and delete."""
-    calls = []
-    for operation in ("create_stack", "update_stack", "delete_stack"):
-        real = getattr(cfn, operation)
-
-        def recorded(real=real, operation=operation, **kwargs):
-            calls.append((operation, kwargs["StackName"], kwargs.get("RoleARN")))
-            return real(**kwargs)
-
-        monkeypatch.setattr(cfn, operation, recorded)
-    return calls
-
 
 def role_of(aws, stack):
     return aws["cloudformation"].describe_stacks(StackName=stack)["Stacks"][0].get("RoleARN")
