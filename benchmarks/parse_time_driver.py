@@ -4,7 +4,8 @@
 import), import the processor's parsing code and freeze the garbage collector's view of it (as
 ``DagFileProcessorManager.before_run`` does), then per DAG file pre-import its own ``airflow.*``
 imports (as ``DagFileProcessorProcess.start`` does) and fork a child that parses and serializes
-it. A last child builds trivial @task operators: Airflow's own cost per task, for reference.
+it. A last child builds trivial tasks (Airflow's @task, and the PythonOperator that
+deployline.python_tasks builds): Airflow's own cost per task, for reference.
 
 ``one-process DAGS_FOLDER``: as ``airflow dags report`` parses. Time ``import airflow.sdk``,
 then ``DagBag(DAGS_FOLDER)`` with every file in this one process.
@@ -72,22 +73,28 @@ def parse_file(path: str) -> dict:
 
 
 def bare_tasks(count: int = 100) -> dict:
-    """Seconds per trivial @task, each given the previous one's output (as most of ours are)."""
+    """Seconds per trivial task, each given the previous one's output (as most of ours are):
+    built with Airflow's ``@task`` (``decorated``) and as the ``PythonOperator`` deployline's
+    ``python_tasks.task`` builds (``operator``)."""
     from datetime import datetime
 
     from airflow.sdk import DAG, task
+    from deployline.python_tasks import task as operator_task
 
-    with DAG("bare_tasks", schedule=None, start_date=datetime(2024, 1, 1)):
-        started = clock()
-        previous = None
-        for n in range(count):
-            @task(task_id=f"t{n}")
-            def step(previous: dict | None) -> dict:
-                return {}
+    result = {}
+    for name, decorator in (("decorated", task), ("operator", operator_task)):
+        with DAG(f"bare_{name}", schedule=None, start_date=datetime(2024, 1, 1)):
+            started = clock()
+            previous = None
+            for n in range(count):
+                @decorator(task_id=f"t{n}")
+                def step(previous: dict | None) -> dict:
+                    return {}
 
-            previous = step(previous)
-        built = since(started)
-    return {kind: seconds / count for kind, seconds in built.items()}
+                previous = step(previous)
+            built = since(started)
+        result[name] = {kind: seconds / count for kind, seconds in built.items()}
+    return result
 
 
 def per_file(paths: list[str]) -> dict:

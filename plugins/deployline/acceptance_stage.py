@@ -6,7 +6,7 @@ import logging
 import re
 import shlex
 
-from airflow.sdk import TaskGroup, TriggerRule, chain, get_current_context, task
+from airflow.sdk import TaskGroup, TriggerRule, chain, get_current_context
 from airflow.sdk.exceptions import AirflowSkipException
 
 from deployline import aws, images
@@ -15,6 +15,7 @@ from deployline.baking_stage import builder_key, image_tags
 from deployline.config import PipelineConfig
 from deployline.environment_tasks import run_environment, run_repository_test
 from deployline.image_readiness import AmiAvailableSensor
+from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
 from deployline.sources import GitSource
 

@@ -17,13 +17,14 @@ from airflow.providers.amazon.aws.operators.sns import SnsPublishOperator
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.providers.standard.sensors.external_task import ExternalTaskSensor
-from airflow.sdk import DAG, BaseSensorOperator, Param, TriggerRule, chain, get_current_context, task
+from airflow.sdk import DAG, BaseSensorOperator, Param, TriggerRule, chain, get_current_context
 from airflow.sdk.exceptions import AirflowFailException
 
 from deployline import notifications
 from deployline.airflow_api import api_from_connection
 from deployline.config import PipelineConfig
 from deployline.dag_defaults import START_DATE, default_args
+from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
 
 log = logging.getLogger(__name__)

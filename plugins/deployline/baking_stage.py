@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from airflow.sdk import TaskGroup, chain, get_current_context, task
+from airflow.sdk import TaskGroup, chain, get_current_context
 
 from deployline import aws, images
 from deployline.config import PipelineConfig
 from deployline.image_readiness import AmiAvailableSensor
+from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
 from deployline.sources import GitSource
 

@@ -6,12 +6,13 @@ import logging
 import math
 import shutil
 
-from airflow.sdk import TaskGroup, chain, get_current_context, task
+from airflow.sdk import TaskGroup, chain, get_current_context
 
 from deployline import aws
 from deployline.config import PipelineConfig
 from deployline.environment_tasks import run_environment
 from deployline.load_tests import LoadTestFailed, failure_message, run_load_test, summary_table
+from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
 from deployline.sources import GitSource
 from deployline.workdirs import remove_workspace, workspace

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from airflow.sdk import TaskGroup, chain, get_current_context, task
+from airflow.sdk import TaskGroup, chain, get_current_context
 
 from deployline import artifacts
 from deployline.commands import run_command
 from deployline.config import PipelineConfig
+from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
 from deployline.sources import GitSource
 from deployline.workdirs import remove_workspace, workspace

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
-from airflow.sdk import DAG, Param, get_current_context, task
+from airflow.sdk import DAG, Param, get_current_context
 
 from deployline import aws, metrics
 from deployline.config import PipelineConfig
-from deployline.dag_defaults import START_DATE, default_args
+from deployline.dag_defaults import START_DATE, default_args, with_trigger_form
+from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,13 @@ The task log shows a summary table; the task's XCom is the number of data points
 
 
 def build_delivery_metrics_dag(configs: list[PipelineConfig]) -> DAG:
+    form = {
+        "window_days": Param(
+            DEFAULT_WINDOW_DAYS, type="integer", minimum=1, maximum=MAX_WINDOW_DAYS, title="Window (days)",
+            description=f"The metrics cover this many days up to the run's data interval end, 1 to "
+                        f"{MAX_WINDOW_DAYS}; published with the dimension Window=<days>d.",
+        ),
+    }
     with DAG(
         dag_id=DAG_ID,
         description="Publishes the delivery metrics of every application to CloudWatch",
@@ -181,17 +189,10 @@ def build_delivery_metrics_dag(configs: list[PipelineConfig]) -> DAG:
         tags=["deployline"],
         doc_md=DOC.format(apps=", ".join(f"`{c.application}`" for c in configs) or "none configured",
                           default_days=DEFAULT_WINDOW_DAYS, max_days=MAX_WINDOW_DAYS),
-        params={
-            "window_days": Param(
-                DEFAULT_WINDOW_DAYS, type="integer", minimum=1, maximum=MAX_WINDOW_DAYS, title="Window (days)",
-                description=f"The metrics cover this many days up to the run's data interval end, 1 to "
-                            f"{MAX_WINDOW_DAYS}; published with the dimension Window=<days>d.",
-            ),
-        },
     ) as dag:
         for config in configs:
             _publish_task(config)
-    return dag
+    return with_trigger_form(dag, form)
 
 
 def _publish_task(config: PipelineConfig):

@@ -7,12 +7,13 @@ import logging
 import shlex
 from collections.abc import Callable
 
-from airflow.sdk import chain, get_current_context, task
+from airflow.sdk import chain, get_current_context
 
 from deployline import aws
 from deployline.commands import run_command
 from deployline.config import PipelineConfig, RepositoryTest
 from deployline.environments.base import EnvironmentSpec, environment_name
+from deployline.python_tasks import task
 from deployline.sources import GitSource
 from deployline.workdirs import remove_workspace, workspace
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from urllib.parse import quote
 
-from airflow.sdk import BaseNotifier, task
+from airflow.sdk import BaseNotifier
 
 from deployline import aws
 from deployline.config import PipelineConfig
+from deployline.python_tasks import task
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from airflow.sdk import DAG, Param, chain, get_current_context, task
+from airflow.sdk import DAG, Param, chain, get_current_context
 
 from deployline.acceptance_stage import acceptance_stage
 from deployline.baking_stage import baking_stage
@@ -12,11 +12,12 @@ from deployline.capacity_stage import capacity_stage
 from deployline.changes import BOTH, Classification, classify
 from deployline.commit_stage import commit_stage
 from deployline.config import PipelineConfig
-from deployline.dag_defaults import START_DATE, default_args
+from deployline.dag_defaults import START_DATE, default_args, with_trigger_form
 from deployline.exploratory_stage import exploratory_stage
 from deployline.notifications import PipelineFailureNotifier
 from deployline.preproduction_stage import preproduction_stage
 from deployline.production_stage import production_stage
+from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, make_version, utcnow
 from deployline.sources import GitSource
 
@@ -58,6 +59,15 @@ The release registry is `s3://{bucket}/{app}/releases/`.
 
 def build_pipeline_dag(config: PipelineConfig) -> DAG:
     source_args = {"url": config.repository.url, "branch": config.repository.branch}
+    form = {
+        "commit": Param(
+            "",
+            type="string",
+            title="Commit",
+            description="Full or short sha to build. Empty: the head of the branch.",
+            pattern="^([0-9a-fA-F]{4,40})?$",
+        ),
+    }
     with DAG(
         dag_id=config.pipeline_dag_id,
         description=f"Deployment pipeline of {config.application}",
@@ -76,15 +86,6 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
             driver=config.environments.driver,
             **source_args,
         ),
-        params={
-            "commit": Param(
-                "",
-                type="string",
-                title="Commit",
-                description="Full or short sha to build. Empty: the head of the branch.",
-                pattern="^([0-9a-fA-F]{4,40})?$",
-            ),
-        },
     ) as dag:
 
         @task(task_id="resolve_commit", retries=2)
@@ -150,7 +151,7 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
         chain(commit, branch, built, acceptance, judged, preproduction, production)
         for group in [*built, acceptance, *judged, preproduction, production]:
             _record_start(config, group)
-    return dag
+    return with_trigger_form(dag, form)
 
 
 def _record_start(config: PipelineConfig, group) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from airflow.sdk import TaskGroup, chain, get_current_context, task
+from airflow.sdk import TaskGroup, chain, get_current_context
 
 from deployline import aws
 from deployline.airflow_api import AirflowApiError, api_from_connection
 from deployline.config import PipelineConfig
 from deployline.environment_tasks import run_repository_test
 from deployline.environments.base import EnvironmentSpec, environment_name
+from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
 
 log = logging.getLogger(__name__)

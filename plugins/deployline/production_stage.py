@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 
-from airflow.sdk import TaskGroup, chain, get_current_context, task
+from airflow.sdk import TaskGroup, chain, get_current_context
 from airflow.sdk.exceptions import AirflowSkipException
 
 from deployline import aws, notifications
@@ -14,6 +14,7 @@ from deployline.config import PipelineConfig
 from deployline.deployments import Deployed, RolledBack, blue_green, remove_idle, superseded_by
 from deployline.environment_tasks import run_repository_test
 from deployline.environments.base import EnvironmentSpec, environment_name
+from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
 
 log = logging.getLogger(__name__)

@@ -20,13 +20,14 @@ import urllib.request
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
-from airflow.sdk import DAG, Param, chain, get_current_context, task
+from airflow.sdk import DAG, Param, chain, get_current_context
 from airflow.sdk.exceptions import AirflowFailException
 
 from deployline import aws
 from deployline.config import PipelineConfig
-from deployline.dag_defaults import START_DATE, default_args
+from deployline.dag_defaults import START_DATE, default_args, with_trigger_form
 from deployline.environments.base import EnvironmentSpec, environment_name
+from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry
 
 log = logging.getLogger(__name__)
@@ -416,6 +417,34 @@ or not expired, is never removed.
 
 def build_self_service_dag(config: PipelineConfig) -> DAG:
     app, limits, envs = config.application, config.self_service, config.environments
+    form = {
+        "action": Param(
+            "launch", type="string", enum=list(ACTIONS), title="Action",
+            description="launch: start (or reuse) your environment of the version; destroy: remove it.",
+            values_display={"launch": "launch (or reuse)", "destroy": "destroy"},
+        ),
+        "version": Param(
+            "", type="string", pattern=VERSION_PATTERN, title="Version",
+            description="A release candidate, e.g. r12-3f9c2a1b7d. Empty: the newest release candidate "
+                        "(with destroy: every environment of yours).",
+        ),
+        "owner": Param(
+            type="string", minLength=1, maxLength=64, pattern=OWNER_PATTERN, title="Owner",
+            description="Your user name or e-mail address. One environment per owner and version: "
+                        "launching again reuses it.",
+        ),
+        "size": Param(
+            default_size(config), type="integer", minimum=1, maximum=limits.max_size, title="Size",
+            description=f"Workers ({envs.driver} driver: "
+                        f"{'processes' if envs.driver == 'local' else 'instances'}), 1 to {limits.max_size}.",
+        ),
+        "ttl_hours": Param(
+            default_ttl_hours(config), type="number", minimum=MIN_TTL_HOURS, maximum=limits.max_ttl_hours,
+            title="Time to live (hours)",
+            description=f"Removed by {REAPER_DAG_ID} after this many hours (at most {limits.max_ttl_hours:g}). "
+                        "Launching again extends it.",
+        ),
+    }
     with DAG(
         dag_id=self_service_dag_id(config),
         description=f"Self-service environments of {app} release candidates",
@@ -427,34 +456,6 @@ def build_self_service_dag(config: PipelineConfig) -> DAG:
         tags=["deployline", app],
         doc_md=DOC.format(app=app, max_size=limits.max_size, max_ttl=limits.max_ttl_hours, reaper=REAPER_DAG_ID,
                           driver=envs.driver, health=envs.health_path),
-        params={
-            "action": Param(
-                "launch", type="string", enum=list(ACTIONS), title="Action",
-                description="launch: start (or reuse) your environment of the version; destroy: remove it.",
-                values_display={"launch": "launch (or reuse)", "destroy": "destroy"},
-            ),
-            "version": Param(
-                "", type="string", pattern=VERSION_PATTERN, title="Version",
-                description="A release candidate, e.g. r12-3f9c2a1b7d. Empty: the newest release candidate "
-                            "(with destroy: every environment of yours).",
-            ),
-            "owner": Param(
-                type="string", minLength=1, maxLength=64, pattern=OWNER_PATTERN, title="Owner",
-                description="Your user name or e-mail address. One environment per owner and version: "
-                            "launching again reuses it.",
-            ),
-            "size": Param(
-                default_size(config), type="integer", minimum=1, maximum=limits.max_size, title="Size",
-                description=f"Workers ({envs.driver} driver: "
-                            f"{'processes' if envs.driver == 'local' else 'instances'}), 1 to {limits.max_size}.",
-            ),
-            "ttl_hours": Param(
-                default_ttl_hours(config), type="number", minimum=MIN_TTL_HOURS, maximum=limits.max_ttl_hours,
-                title="Time to live (hours)",
-                description=f"Removed by {REAPER_DAG_ID} after this many hours (at most {limits.max_ttl_hours:g}). "
-                            "Launching again extends it.",
-            ),
-        },
     ) as dag:
 
         @task(task_id="validate_request", retries=2)
@@ -539,7 +540,7 @@ def build_self_service_dag(config: PipelineConfig) -> DAG:
         recorded = record_environment(environment, request, checked)
         chain(branch, [environment, destroy_environment(request)])
         recorded >> remove_failed_launch(environment, request).as_teardown(setups=environment)
-    return dag
+    return with_trigger_form(dag, form)
 
 
 def build_reaper_dag(configs: list[PipelineConfig]) -> DAG:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 
-from airflow.sdk import DAG, Param, chain, get_current_context, task
+from airflow.sdk import DAG, Param, chain, get_current_context
 
-from deployline.dag_defaults import START_DATE, default_args
+from deployline.dag_defaults import START_DATE, default_args, with_trigger_form
 from deployline.infrastructure_components import COMPONENTS
+from deployline.python_tasks import task
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,14 @@ unless `force` is set. The same operations without Airflow, for the first bootst
 
 
 def build_support_infrastructure_dag() -> DAG:
+    form = {
+        "action": Param("launch", type="string", enum=["launch", "destroy", "status"], title="Action"),
+        "components": Param(["all"], type="array", title="Components",
+                            items={"type": "string", "enum": ["all", *COMPONENTS]},
+                            description="all, or some of: " + ", ".join(COMPONENTS)),
+        "force": Param(False, type="boolean", title="Force",
+                       description="destroy: also delete an artifact bucket that still holds release records"),
+    }
     with DAG(
         dag_id=DAG_ID,
         description="Stage 0: launch or destroy the shared infrastructure (network, artifact store, topic, CI)",
@@ -54,14 +63,6 @@ def build_support_infrastructure_dag() -> DAG:
         default_args=default_args(),
         tags=["deployline", "stage-0"],
         doc_md=DOC,
-        params={
-            "action": Param("launch", type="string", enum=["launch", "destroy", "status"], title="Action"),
-            "components": Param(["all"], type="array", title="Components",
-                                items={"type": "string", "enum": ["all", *COMPONENTS]},
-                                description="all, or some of: " + ", ".join(COMPONENTS)),
-            "force": Param(False, type="boolean", title="Force",
-                           description="destroy: also delete an artifact bucket that still holds release records"),
-        },
     ) as dag:
 
         @task(task_id="plan")
@@ -109,7 +110,7 @@ def build_support_infrastructure_dag() -> DAG:
 
         planned = plan()
         chain(planned, choose_action(planned), [launch(planned), destroy(planned), report_status(planned)])
-    return dag
+    return with_trigger_form(dag, form)
 
 
 def _reported(operation) -> list[dict]:

@@ -86,7 +86,7 @@ def test_pipeline_dag_shape_follows_the_design(parsed):
                              "6-capacity": True, "7-pre-production": True, "8-production": True}
     tasks = dag["tasks"]
     assert tasks["classify_change"]["upstream"] == ["resolve_commit"]
-    assert tasks["classify_change"]["type"] == "_BranchPythonDecoratedOperator"
+    assert tasks["classify_change"]["type"] == "BranchPythonOperator"
     assert tasks["2-commit.checkout"]["upstream"] == ["classify_change", "resolve_commit"]
     assert tasks["2-commit.checkout"]["is_setup"]
     assert tasks["2-commit.build"]["upstream"] == ["2-commit.checkout", "resolve_commit"]

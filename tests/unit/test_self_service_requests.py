@@ -433,7 +433,7 @@ def test_the_self_service_dag_launches_or_destroys_and_cleans_up_failed_launches
         "remove_failed_launch": ["provision_environment", "record_environment", "validate_request"],
         "destroy_environment": ["choose_action", "validate_request"],
     }
-    assert type(tasks["choose_action"]).__name__ == "_BranchPythonDecoratedOperator"
+    assert type(tasks["choose_action"]).__name__ == "BranchPythonOperator"
     # a setup and its teardown, which removes only what a failed launch made (it is no leaf: a failed
     # launch fails the run)
     assert tasks["provision_environment"].is_setup and tasks["remove_failed_launch"].is_teardown
