@@ -7,7 +7,7 @@ pushes each key as its own XCom, and the docstring is the task's ``doc_md``, as 
 ``airflow.sdk.task``.  What it leaves out is the decorator's parse-time work: Airflow's
 ``@task`` inspects the function's signature five times and evaluates its return annotation for
 every task it builds, which makes a task twice as expensive to build as the operator itself
-(0.33 against 0.17 ms).  Every pipeline config builds 58 of these in every parse of the DAG
+(0.33 against 0.17 ms).  Every pipeline config builds 53 of these in every parse of the DAG
 folder (benchmarks/parse_time.py, docs/PERFORMANCE.md).  Only keyword arguments of the
 operator are accepted (``task_id`` is required), and there is no ``expand``: no DAG maps tasks.
 """
