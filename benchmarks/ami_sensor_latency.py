@@ -157,7 +157,7 @@ def main() -> int:
         finally:
             stack.stop()
             moto.stop()
-    print(json.dumps(results, indent=2))
+    print(json.dumps(results))  # one line: make bench reads the last line
     summary = "; ".join(f"{m}: median {r['median_latency_s']}s, max {r['max_latency_s']}s, {r['failed_runs']} failed"
                         for m, r in results.items())
     print(f"AMI available -> sensor success: {summary} (poke_interval {args.poke_interval}s, "

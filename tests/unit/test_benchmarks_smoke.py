@@ -76,3 +76,30 @@ def test_orchestration_report_and_tuning_switch():
     assert report["releases"] == 2 and report["push_to_production_s"]["median"] == 30.0
     assert report["stages"]["s2"]["waiting_s"]["median"] == 9 and report["stages"]["s2"]["dominated_by"] == ["waiting"]
     assert report["approval_marked_to_resumed_s"]["n"] == 2
+
+
+def test_make_bench_keeps_going_past_a_failed_benchmark_and_keeps_every_result(tmp_path, monkeypatch):
+    """A benchmark whose last line is not JSON (the AMI benchmark once printed indented JSON and
+    stopped `make bench` after 8 minutes, losing the results before it) is recorded as failed;
+    the others run and every result is written."""
+    scripts = {"pretty": "import json; print(json.dumps({'a': 1}, indent=2))",
+               "crash": "import sys; sys.exit('broken')",
+               "fine": "print('log line'); print('{\"b\": 2}')"}
+    for name, code in scripts.items():
+        (tmp_path / f"{name}.py").write_text(code)
+    run = load("run")
+    monkeypatch.setattr(run, "HERE", tmp_path)
+    monkeypatch.setattr(run, "OUT", tmp_path / "results" / "latest.json")
+    monkeypatch.setattr(run, "BENCHMARKS", {name: [f"{name}.py"] for name in scripts})
+    assert run.main([]) == 1
+    import json
+
+    results = json.loads(run.OUT.read_text())
+    assert "not its JSON result" in results["pretty"]["failed"]
+    assert results["crash"]["failed"] == "exit code 1" and "broken" in results["crash"]["stderr"]
+    assert results["fine"] == {"b": 2}
+    # run again for one name: its entry is replaced, the others kept
+    (tmp_path / "pretty.py").write_text("print('{\"a\": 1}')")
+    assert run.main(["pretty"]) == 0
+    assert json.loads(run.OUT.read_text()) == {"pretty": {"a": 1}, "crash": results["crash"], "fine": {"b": 2}}
+    assert run.main(["nope"]) == 2
