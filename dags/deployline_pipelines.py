@@ -7,10 +7,12 @@
 import airflow.providers.amazon.aws.hooks.ec2  # noqa: F401
 import airflow.providers.amazon.aws.operators.sns  # noqa: F401
 import airflow.providers.amazon.aws.triggers.base  # noqa: F401
+import airflow.providers.standard.decorators.python  # noqa: F401
 import airflow.providers.standard.operators.hitl  # noqa: F401
 import airflow.providers.standard.operators.python  # noqa: F401
 import airflow.providers.standard.operators.trigger_dagrun  # noqa: F401
 import airflow.providers.standard.sensors.external_task  # noqa: F401
+import airflow.sdk.definitions.decorators  # noqa: F401
 from deployline.dag_factory import build_pipeline_dags
 
 build_pipeline_dags(globals())

@@ -6,7 +6,8 @@ with the call's arguments as ``op_args``/``op_kwargs``, a return annotation of a
 pushes each key as its own XCom, and the docstring is the task's ``doc_md``, as with
 ``airflow.sdk.task``.  What it leaves out is the decorator's parse-time work: Airflow's
 ``@task`` inspects the function's signature five times and evaluates its return annotation for
-every task it builds, which makes a task twice as expensive to build as the operator itself
+every task it builds (here: once per function definition, by asking ``@task`` itself), which
+makes a task twice as expensive to build as the operator itself
 (0.33 against 0.17 ms).  Every pipeline config builds 53 of these in every parse of the DAG
 folder (benchmarks/parse_time.py, docs/PERFORMANCE.md).  Only keyword arguments of the
 operator are accepted (``task_id`` is required), and there is no ``expand``: no DAG maps tasks.
@@ -14,27 +15,20 @@ operator are accepted (``task_id`` is required), and there is no ``expand``: no 
 
 from __future__ import annotations
 
-import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from airflow.providers.standard.operators.python import BranchPythonOperator, PythonOperator
+from airflow.sdk import task as airflow_task
 
 _returns_mapping: dict = {}  # function code -> bool, worked out once per definition, not per task
 
 
 def _multiple_outputs(function: Callable) -> bool:
-    """``@task``'s rule: a function annotated to return a mapping pushes each key too."""
+    """Whether ``@task`` would push each key of the result too (a return annotation of a
+    mapping): asked of Airflow's own decorator, once per function definition."""
     code = function.__code__
     if code not in _returns_mapping:
-        def returned(): ...
-
-        returned.__annotations__ = {"return": function.__annotations__.get("return")}
-        try:
-            kind = typing.get_type_hints(returned, function.__globals__).get("return")
-        except (NameError, TypeError):  # not resolvable at runtime: as @task, no inference
-            kind = None
-        kind = getattr(kind, "__origin__", kind)
-        _returns_mapping[code] = isinstance(kind, type) and issubclass(kind, Mapping)
+        _returns_mapping[code] = airflow_task(function).multiple_outputs
     return _returns_mapping[code]
 
 
