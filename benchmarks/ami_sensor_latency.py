@@ -1,6 +1,6 @@
 """Time from an AMI becoming ``available`` to ``AmiAvailableSensor`` succeeding, deferrable vs reschedule.
 
-Runs a real ``airflow standalone`` (scheduler, triggerer, API server, DAG processor) on a
+Runs a real Airflow (scheduler, triggerer, API server, DAG processor, PostgreSQL) on a
 temporary DAGs folder with two one-task DAGs, and moto in this process, so the image state
 can be flipped in moto's backend at a known instant T.  Per sample: trigger a run, wait until
 the sensor really waits (``deferred`` / ``up_for_reschedule``), wait a random 0..poke_interval
@@ -134,9 +134,10 @@ def main() -> int:
             dags = root / "dags"
             dags.mkdir()
             (dags / "bench_ami.py").write_text(DAG_FILE.replace("POKE_INTERVAL", str(args.poke_interval)))
+            database = embedded.start_database(stack, root / "postgres", root / "logs")
             env = embedded.airflow_env(root / "airflow", embedded.free_port(), endpoint,
-                                       {"AIRFLOW__CORE__DAGS_FOLDER": str(dags)})
-            base = embedded.start_airflow(stack, env, root / "airflow.log")
+                                       database | {"AIRFLOW__CORE__DAGS_FOLDER": str(dags)})
+            base = embedded.start_airflow(stack, env, root / "logs")
             api = AirflowApi(base, "admin", embedded.password(root / "airflow"))
             # Healthy is not parsed: wait for both DAGs before triggering (an import error is the last error shown).
             embedded.wait_until(lambda: dags_parsed(api), 120, "the bench DAGs", 1)
@@ -151,8 +152,8 @@ def main() -> int:
                                  "median_latency_s": statistics.median(latencies) if latencies else None,
                                  "max_latency_s": max(latencies, default=None)}
         except Exception:
-            print(f"failed; Airflow log was {root / 'airflow.log'} (removed on exit)", file=sys.stderr)
-            sys.stderr.write((root / "airflow.log").read_text()[-3000:] if (root / "airflow.log").exists() else "")
+            print(f"failed; the scheduler's log was {root / 'logs'} (removed on exit):", file=sys.stderr)
+            sys.stderr.write(embedded.last_lines(root / "logs" / "scheduler.log", 40) + "\n")
             raise
         finally:
             stack.stop()

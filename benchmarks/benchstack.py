@@ -1,5 +1,6 @@
 """The embedded default for the benchmarks, as ``make demo`` starts it: moto, a seeded bare
-repository and ``airflow standalone`` with Deployline's ``airflow_env`` (or Airflow's defaults).
+repository, PostgreSQL (or SQLite, to compare) and the Airflow components with Deployline's
+``airflow_env`` (or Airflow's defaults).
 
 ``with embedded_stack(...) as bench:`` yields the running stack; on leaving (also on SIGTERM
 or an error) Airflow and moto are stopped, and so are the environments the pipeline left
@@ -90,9 +91,9 @@ class Bench:
     base: str
     api: AirflowApi
     env: dict
-    started_at: float  # when airflow standalone was started
+    started_at: float  # when the Airflow components were started
     healthy_s: float
-    standalone_pid: int
+    database: str  # "postgres" or "sqlite"
     pushes: int = field(default=0)
 
     def approver(self) -> AirflowApi:
@@ -116,23 +117,9 @@ class Bench:
         return embedded.wait_until(lambda: _find_run(self.api, PIPELINE, run_id), timeout, f"run {run_id}", 0.5)
 
     def components(self) -> dict[str, int]:
-        """pid of each of the standalone's components (scheduler, triggerer, dag-processor, api-server)."""
-        import psutil
-
-        found = {}
-        for child in psutil.Process(self.standalone_pid).children(recursive=True):
-            try:
-                cmdline = child.cmdline()
-            except psutil.Error:
-                continue
-            for name in ("scheduler", "triggerer", "dag-processor", "api-server"):
-                # `.../airflow scheduler` (its own worker processes show other titles); the API server
-                # retitles itself `airflow api_server -- ...`.
-                exact = len(cmdline) >= 2 and cmdline[-1] == name and "airflow" in cmdline[-2]
-                titled = " ".join(cmdline).startswith(f"airflow {name.replace('-', '_')} --")
-                if name not in found and (exact or titled):
-                    found[name] = child.pid
-        return found
+        """pid of each Airflow component still running (scheduler, triggerer, dag-processor, api-server)."""
+        return {name: proc.pid for name, proc in self.stack.processes
+                if name in embedded.AIRFLOW_COMPONENTS and proc.poll() is None}
 
 
 def _find_run(api: AirflowApi, dag_id: str, run_id: str) -> dict | None:
@@ -152,11 +139,13 @@ def write_config(root: Path, changes: dict) -> Path:
 
 @contextmanager
 def embedded_stack(bucket: str = "deployline-bench", airflow_defaults: bool = False,
-                   overrides: dict[str, str] | None = None, config_changes: dict | None = None) -> Iterator[Bench]:
-    """moto, the seeded repository and ``airflow standalone``, as ``make demo`` starts them.
+                   overrides: dict[str, str] | None = None, config_changes: dict | None = None,
+                   database: str = "postgres") -> Iterator[Bench]:
+    """moto, the seeded repository, the database and Airflow's components, as ``make demo`` starts them.
 
     ``airflow_defaults``: without Deployline's tuning; ``overrides``: further Airflow settings;
-    ``config_changes``: top-level keys of the demo pipeline config replaced (else the demo config).
+    ``config_changes``: top-level keys of the demo pipeline config replaced (else the demo config);
+    ``database``: ``postgres`` (the default) or ``sqlite`` (the old default, for comparison).
     """
     # Stopped from outside: still run the finally below, so nothing is left running.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
@@ -165,23 +154,27 @@ def embedded_stack(bucket: str = "deployline-bench", airflow_defaults: bool = Fa
         root = Path(tmp)
         home = root / "airflow"
         try:
-            moto = embedded.start_moto(stack, embedded.free_port(), root / "moto.log")
+            logs = root / "logs"
+            moto = embedded.start_moto(stack, embedded.free_port(), logs / "moto.log")
             embedded.ensure_bucket(moto, bucket)
             bare, clone = root / "repo.git", root / "clone"
             seed = embedded.seed_repository(bare, clone)
             extra = {"DEPLOYLINE_DEMO_REPO": str(bare), "DEPLOYLINE_ARTIFACT_BUCKET": bucket}
             if config_changes:
                 extra["DEPLOYLINE_PIPELINES_DIR"] = str(write_config(root, config_changes))
+            if database == "sqlite":
+                extra[embedded.DATABASE_URL] = f"sqlite:///{root / 'airflow.db'}"
+            else:
+                extra |= embedded.start_database(stack, root / "postgres", logs)
             env = embedded.airflow_env(home, embedded.free_port(), moto, extra)
             env = tuned_env(env, airflow_defaults, overrides)
             print(f"airflow settings: {tuning_of(env)}", file=sys.stderr)
             started = time.time()
-            base = embedded.start_airflow(stack, env, root / "airflow.log")
+            base = embedded.start_airflow(stack, env, logs)
             healthy = time.time() - started
-            print(f"airflow standalone healthy in {healthy:.1f}s (load {loadavg()})", file=sys.stderr)
+            print(f"airflow on {database} healthy in {healthy:.1f}s (load {loadavg()})", file=sys.stderr)
             api = AirflowApi(base, "admin", embedded.password(home))
-            standalone = next(p.pid for name, p in stack.processes if name == "airflow standalone")
-            yield Bench(root, stack, moto, bare, clone, seed, home, base, api, env, started, healthy, standalone)
+            yield Bench(root, stack, moto, bare, clone, seed, home, base, api, env, started, healthy, database)
         finally:
             stack.stop()
             try:
@@ -191,9 +184,8 @@ def embedded_stack(bucket: str = "deployline-bench", airflow_defaults: bool = Fa
             if os.environ.get("DEPLOYLINE_BENCH_KEEP_LOGS"):
                 keep = Path(os.environ["DEPLOYLINE_BENCH_KEEP_LOGS"])
                 keep.mkdir(parents=True, exist_ok=True)
-                for name in ("airflow.log", "moto.log"):
-                    if (root / name).exists():
-                        (keep / name).write_bytes((root / name).read_bytes())
+                if (root / "logs").exists():  # each component's log
+                    shutil.copytree(root / "logs", keep, dirs_exist_ok=True)
                 if (home / "logs").exists():  # the task and trigger logs
                     shutil.copytree(home / "logs", keep / "task-logs", dirs_exist_ok=True)
             signal.signal(signal.SIGTERM, previous)

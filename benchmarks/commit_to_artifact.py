@@ -1,6 +1,6 @@
 """End-to-end commit-to-artifact wall time on the embedded default, and each stage's wall time.
 
-Starts moto and ``airflow standalone`` exactly as ``make demo`` does (the demo pipeline
+Starts moto, PostgreSQL and Airflow exactly as ``make demo`` does (the demo pipeline
 config, its polling schedule), lets the seeded commit build, then pushes --commits
 application commits one after the other and measures for each: push -> pipeline run
 created (polling latency), run start -> run end (the pipeline itself) and push -> artifact

@@ -1,6 +1,6 @@
 """Orchestration overhead (issue 9, items 2 and 5): commit to production on the embedded default.
 
-Starts moto and ``airflow standalone`` as ``make demo`` does (the demo pipeline config, its
+Starts moto, PostgreSQL and Airflow as ``make demo`` does (the demo pipeline config, its
 polling schedule). An auto-approver thread marks each approval gate's ``decision`` success
 through the REST API, as user ``approver``, as soon as it waits. The seeded first release
 (it bakes: every stage runs) and then --releases pushed application commits go to

@@ -135,7 +135,7 @@ def reject_all(bench, api, approver, run_ids: list[str], at_once: bool) -> dict:
     found["left_running"] = [r for r in run_ids if not ended(r)]
     found["seconds_to_end"] = summary(found["seconds_to_end"])
     if not found["triggerer_alive"]:
-        print("the triggerer has exited: see airflow.log (DEPLOYLINE_BENCH_KEEP_LOGS keeps it)", file=sys.stderr)
+        print("the triggerer has exited: see triggerer.log (DEPLOYLINE_BENCH_KEEP_LOGS keeps it)", file=sys.stderr)
     return found
 
 

@@ -108,7 +108,7 @@ def acceptance_stage(config: PipelineConfig, commit) -> TaskGroup:
                      inputs["artifact"]["uri"], inputs["artifact_version"])
             return inputs
 
-        @task(task_id="acceptance_test")
+        @task(task_id="acceptance_test", **envs.host_queue())
         def acceptance_test(endpoint: str, inputs: dict, commit: dict) -> list[str]:
             return run_repository_test(config, config.acceptance, "acceptance", commit, endpoint,
                                        inputs["artifact_version"], f"{get_current_context()['run_id']}-acceptance")

@@ -66,7 +66,7 @@ def capacity_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
             image_of=lambda c: c.get("application_image"))
 
         def load_test_task(name: str, profile):
-            @task(task_id=f"load_test_{name}")
+            @task(task_id=f"load_test_{name}", **config.environments.host_queue())
             def load_test(endpoint: str, commit: dict) -> dict:
                 run_id = get_current_context()["run_id"]
                 key = f"{run_id}-capacity-{name}"

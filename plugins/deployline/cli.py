@@ -59,17 +59,23 @@ def demo(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)  # also when started with SIGINT ignored (a background job)
     try:
+        logs = state / "logs"
         print(f"starting moto on 127.0.0.1:{args.moto_port} ...", flush=True)
-        moto = embedded.start_moto(stack, args.moto_port, state / "logs" / "moto.log")
-        env = embedded.airflow_env(home, args.api_port, moto, {
+        moto = embedded.start_moto(stack, args.moto_port, logs / "moto.log")
+        print(f"starting PostgreSQL for Airflow's metadata database (data: {state / 'postgres'}) ...", flush=True)
+        database = embedded.start_database(stack, state / "postgres", logs)
+        env = embedded.airflow_env(home, args.api_port, moto, database | {
             "DEPLOYLINE_DEMO_REPO": str(bare),
             "DEPLOYLINE_ARTIFACT_BUCKET": bucket,
             # The CI environment of stage 0 runs this project (an instance in moto: nothing runs on it).
             "DEPLOYLINE_CI_REPOSITORY_URL": os.environ.get("DEPLOYLINE_CI_REPOSITORY_URL", str(PROJECT_ROOT)),
         }, paused=True)  # until stage 0 has run: the pipelines need its artifact bucket
-        print(f"starting airflow standalone on port {args.api_port} (log: {state / 'logs' / 'airflow.log'}) ...",
-              flush=True)
-        base = embedded.start_airflow(stack, env, state / "logs" / "airflow.log")
+        print(f"starting Airflow: api-server on port {args.api_port}, scheduler, dag-processor, triggerer "
+              f"(logs: {logs}) ...", flush=True)
+        base = embedded.start_airflow(stack, env, logs)
+        # From now on a component that exits is reported (name, exit code, last log lines) and
+        # started again; one that keeps exiting stops the demo with that report.
+        stack.watch(restart=True)
         password = embedded.password(home)
         api = AirflowApi(base, "admin", password)
         _stage_zero(api)
@@ -83,7 +89,8 @@ def demo(args: argparse.Namespace) -> int:
         if args.headless:
             return _follow_first_run(base, password, head)
         while True:
-            stack.check_alive()
+            if stack.failure:
+                raise stack.failure
             time.sleep(2)
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)

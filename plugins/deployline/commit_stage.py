@@ -3,32 +3,37 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from datetime import timedelta
+from pathlib import Path
 
 from airflow.sdk import TaskGroup, chain, get_current_context
 
-from deployline import artifacts
+from deployline import artifacts, aws, workspace_store
 from deployline.commands import run_command
 from deployline.config import PipelineConfig
 from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
 from deployline.sources import GitSource
-from deployline.workdirs import remove_workspace, workspace
+from deployline.workdirs import remove_workspace, safe_name, workspace
 
 log = logging.getLogger(__name__)
 
 DOC = """\
-### 2-commit: build once, test, store
+### 2-commit: build once, test the very build, store
 
-Runs when `classify_change` finds application changes. In a clean checkout of the
-commit (`checkout`, a setup task), it runs the configured `build`, then `unit_test` and
-`static_analysis` side by side; each command's output is in its task log, and a
-failure names the command and the last lines it printed.  `publish_artifact` uploads
-the one file the artifact glob matches to
-`s3://<bucket>/<app>/artifacts/<version>/` with its sha256 in the object metadata,
-and writes the release record `s3://<bucket>/<app>/releases/<version>.json`.
-Later stages use this very artifact and verify its sha256.  `clean_workspace`
-(a teardown task) removes the checkout on every path.
+Runs when `classify_change` finds application changes. `checkout` (a setup task) takes
+the commit's tree; `build` runs the configured build in it; `unit_test` and
+`static_analysis` run side by side on that very build. Each task may run on any worker:
+the tree and the built workspace are kept in S3 under the run
+(`s3://<bucket>/<app>/workspaces/<run>/`) and their sha256 in XCom, and each task
+restores and checks what it uses. Each command's output is in its task log, and a
+failure names the command and the last lines it printed. `publish_artifact` uploads
+the one file the artifact glob matches to `s3://<bucket>/<app>/artifacts/<version>/`
+with its sha256, and writes the release record
+`s3://<bucket>/<app>/releases/<version>.json`. Later stages use this very artifact and
+verify its sha256. `clean_workspace` (a teardown task) deletes the run's workspaces on
+every path.
 """
 
 
@@ -37,54 +42,100 @@ def _command_env(commit: dict) -> dict[str, str]:
 
 
 # A failing command fails for good (CommandFailed is final); a try lost with its worker is
-# retried, and the retry first stops what the lost try left running.
+# retried (on any worker), and the retry first stops what the lost try left running.
 AFTER_A_LOST_WORKER = {"retries": 1, "retry_delay": timedelta(seconds=5)}
+
+
+def _run_folder(ctx) -> str:
+    return safe_name(ctx["run_id"])
+
+
+def _scratch(config: PipelineConfig, ctx) -> Path:
+    """This task's own folder on this worker (the same on a retry here, so a retry replaces it)."""
+    return workspace(config.application, ctx["run_id"]) / ctx["ti"].task_id.rsplit(".", 1)[-1]
+
+
+def _snapshot_key(config: PipelineConfig, ctx, name: str) -> str:
+    return f"{workspace_store.run_prefix(config.application, _run_folder(ctx))}{name}.tar.gz"
 
 
 def commit_stage(config: PipelineConfig, commit) -> TaskGroup:
     """The ``2-commit`` group; ``commit`` is the ``resolve_commit`` output."""
     stage = config.commit_stage
+    bucket = config.aws.artifact_bucket
 
-    def run_step(step_name: str, commit: dict) -> None:
+    def restored(snapshot: dict, ctx) -> tuple[Path, Path]:
+        """The snapshot unpacked in this task's folder: (folder, the configured workdir in it)."""
+        folder = _scratch(config, ctx)
+        with artifacts.bucket_must_exist(bucket, config.source_file):
+            workspace_store.restore(aws.s3(config), snapshot, folder)
+        log.info("restored %s (sha256 %s, checked) in %s", snapshot["key"], snapshot["sha256"], folder)
+        return folder, folder / stage.workdir
+
+    def run_step(step_name: str, commit: dict, build: dict) -> None:
         step = getattr(stage, step_name)
         ctx = get_current_context()
-        folder = workspace(config.application, ctx["run_id"]) / stage.workdir
-        run_command(step.command, folder, step.timeout, env=stage.env | _command_env(commit), logger=log)
+        folder, workdir = restored(build, ctx)
+        try:
+            run_command(step.command, workdir, step.timeout, env=stage.env | _command_env(commit), logger=log)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     with TaskGroup("2-commit", tooltip="build, unit test, static analysis, publish", ) as group:
         group.doc_md = DOC
 
         @task(task_id="checkout", retries=2)
-        def checkout(commit: dict) -> str:
+        def checkout(commit: dict) -> dict:
             ctx = get_current_context()
-            dest = workspace(config.application, ctx["run_id"])
-            GitSource.from_repository(config.repository).checkout(commit["sha"], dest)
-            log.info("checked out %s at %s", commit["sha"], dest)
-            return str(dest)
+            folder = _scratch(config, ctx)
+            try:
+                GitSource.from_repository(config.repository).checkout(commit["sha"], folder)
+                with artifacts.bucket_must_exist(bucket, config.source_file):
+                    snapshot = workspace_store.store(aws.s3(config), bucket, _snapshot_key(config, ctx, "source"),
+                                                     folder)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            log.info("checked out %s: %s (%d bytes, sha256 %s)", commit["sha"], snapshot.uri, snapshot.size,
+                     snapshot.sha256)
+            return snapshot.to_dict()
 
         @task(task_id="build", execution_timeout=config.step_timeout("build"), **AFTER_A_LOST_WORKER)
-        def build(commit: dict) -> None:
-            run_step("build", commit)
+        def build(commit: dict, source: dict) -> dict:
+            ctx = get_current_context()
+            folder, workdir = restored(source, ctx)
+            try:
+                run_command(stage.build.command, workdir, stage.build.timeout,
+                            env=stage.env | _command_env(commit), logger=log)
+                with artifacts.bucket_must_exist(bucket, config.source_file):
+                    snapshot = workspace_store.store(aws.s3(config), bucket, _snapshot_key(config, ctx, "build"),
+                                                     folder)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            log.info("built workspace stored: %s (%d bytes, sha256 %s)", snapshot.uri, snapshot.size, snapshot.sha256)
+            return snapshot.to_dict()
 
         @task(task_id="unit_test", execution_timeout=config.step_timeout("unit_test"), **AFTER_A_LOST_WORKER)
-        def unit_test(commit: dict) -> None:
-            run_step("unit_test", commit)
+        def unit_test(commit: dict, build: dict) -> None:
+            run_step("unit_test", commit, build)
 
         @task(task_id="static_analysis", execution_timeout=config.step_timeout("static_analysis"),
               **AFTER_A_LOST_WORKER)
-        def static_analysis(commit: dict) -> None:
-            run_step("static_analysis", commit)
+        def static_analysis(commit: dict, build: dict) -> None:
+            run_step("static_analysis", commit, build)
 
         @task(task_id="publish_artifact", retries=2)
-        def publish_artifact(commit: dict) -> dict:
+        def publish_artifact(commit: dict, build: dict) -> dict:
             ctx = get_current_context()
-            folder = workspace(config.application, ctx["run_id"]) / stage.workdir
-            dist = artifacts.find_distribution(folder, stage.artifact)
-            registry = ReleaseRegistry.for_config(config)
-            artifact, uploaded = artifacts.publish(
-                registry.s3_client, config.aws.artifact_bucket, config.application, commit["version"], dist,
-                source=config.source_file,
-            )
+            folder, workdir = restored(build, ctx)
+            try:
+                dist = artifacts.find_distribution(workdir, stage.artifact)
+                registry = ReleaseRegistry.for_config(config)
+                artifact, uploaded = artifacts.publish(
+                    registry.s3_client, bucket, config.application, commit["version"], dist,
+                    source=config.source_file,
+                )
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
             if uploaded:
                 log.info("published %s (sha256 %s, %d bytes)", artifact.uri, artifact.sha256, artifact.size)
             else:
@@ -100,12 +151,16 @@ def commit_stage(config: PipelineConfig, commit) -> TaskGroup:
         @task(task_id="clean_workspace")
         def clean_workspace() -> None:
             ctx = get_current_context()
-            removed = remove_workspace(config.application, ctx["run_id"])
-            log.info("workspace %s", "removed" if removed else "was already gone")
+            with artifacts.bucket_must_exist(bucket, config.source_file):
+                deleted = workspace_store.delete_run(aws.s3(config), bucket, config.application, _run_folder(ctx))
+            local = remove_workspace(config.application, ctx["run_id"])  # what a killed try left on this worker
+            log.info("deleted %d workspace object(s) of this run from s3://%s/%s%s", deleted, bucket,
+                     workspace_store.run_prefix(config.application, _run_folder(ctx)),
+                     "; removed this worker's leftover folder" if local else "")
 
-        checked_out = checkout(commit)
-        built = build(commit)
-        published = publish_artifact(commit)
-        chain(checked_out, built, [unit_test(commit), static_analysis(commit)], published)
-        published >> clean_workspace().as_teardown(setups=checked_out)
+        source = checkout(commit)
+        built = build(commit, source)
+        published = publish_artifact(commit, built)
+        chain(source, built, [unit_test(commit, built), static_analysis(commit, built)], published)
+        published >> clean_workspace().as_teardown(setups=source)
     return group

@@ -159,6 +159,10 @@ class LocalDriverSettings(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     production_port: Annotated[int, Field(ge=1024, le=65535)] | None = Field(
         default=None, description="port of the stable production address; default: a free port, kept")
+    queue: str = Field(
+        default="deployline_local_environments", pattern=r"^[A-Za-z0-9_.-]{1,100}$",
+        description="Celery queue of the one host the local environments live on: every task that starts, "
+                    "changes, checks, tests or stops one runs there (docs/DEPLOYMENT.md)")
 
 
 class CloudFormationSettings(_Strict):
@@ -180,6 +184,12 @@ class Environments(_Strict):
     health_timeout: Annotated[int, Field(gt=0, le=3600)] = 120
     local: LocalDriverSettings = LocalDriverSettings()
     cloudformation: CloudFormationSettings = CloudFormationSettings()
+
+    def host_queue(self) -> dict[str, str]:
+        """Operator arguments of a task that acts on an environment or calls its address. The
+        local driver's environments are processes on one host's loopback, so those tasks go to
+        that host's queue; the cloudformation driver's are reachable from any worker."""
+        return {"queue": self.local.queue} if self.driver == "local" else {}
 
 
 class RepositoryTest(_Strict):

@@ -1,4 +1,4 @@
-"""The embedded default on one machine: moto for AWS, a local bare git repository, ``airflow standalone``.
+"""The embedded default on one machine: moto for AWS, a local bare git repository, PostgreSQL and Airflow.
 
 Used by ``make demo`` (``python -m deployline demo``) and by the end-to-end tests, so
 both run the very same set-up.  Every process started here is in its own process
@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     last_error = None
     while time.monotonic() < deadline:
+        raise_if_a_stack_failed()  # a dead scheduler will not start what we wait for
         try:
             result = check()
             if result:
@@ -132,7 +134,9 @@ def prepare_users(home: Path) -> dict[str, str]:
 def airflow_env(
     home: Path, api_port: int, moto_endpoint: str, extra: dict[str, str] | None = None, paused: bool = False
 ) -> dict[str, str]:
-    """Environment for ``airflow standalone`` on this project (see docs/PERFORMANCE.md for the tuning)."""
+    """Environment of the Airflow components on this project (see docs/PERFORMANCE.md for the tuning).
+
+    ``extra`` must name the metadata database (``start_database``)."""
     venv_bin = str(Path(sys.executable).parent)
     passwords = prepare_users(home)
     env = dict(os.environ)
@@ -168,15 +172,20 @@ def airflow_env(
             "login": "admin", "password": passwords["admin"]}),
         "DEPLOYLINE_WORK_DIR": str(home / "deployline"),
         "PYTHONUNBUFFERED": "1",
-        # SQLite gives up on a locked database after 5 s; under load that failed REST calls with
-        # "Database error" and once stopped the triggerer for good. Writers wait longer instead,
-        # and workers wait for the API server longer than a writer waits for the lock.
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "deployline.embedded.SQLITE_CONNECT_ARGS",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "deployline.embedded.SQLITE_CONNECT_ARGS_ASYNC",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # Airflow's log servers (8793 and 8794 by default, on every interface) on free ports, so two
+        # stacks on one machine do not collide.
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT / "plugins"), env.get("PYTHONPATH")) if p),
     })
     env.update(extra or {})
+    if env.get(DATABASE_URL, "").startswith("sqlite"):
+        # SQLite gives up on a locked database after 5 s; under load that failed REST calls with
+        # "Database error" and once stopped the triggerer for good. Writers wait longer instead.
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = "deployline.embedded.SQLITE_CONNECT_ARGS"
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC"] = "deployline.embedded.SQLITE_CONNECT_ARGS_ASYNC"
     return env
 
 
@@ -197,47 +206,174 @@ def stop_environments(home: Path) -> list[str]:
 
 
 @dataclass
+class Component:
+    """One long-running process of a stack, and how to start it again."""
+
+    name: str
+    argv: list[str]
+    env: dict
+    log_path: Path
+    proc: subprocess.Popen
+    stop_signal: int = signal.SIGTERM
+    popen_kwargs: dict = field(default_factory=dict)
+    restarts: int = 0
+    stop_last: bool = False  # the database: stopped after everything that uses it
+
+    def last_lines(self, count: int = 15) -> str:
+        return last_lines(self.log_path, count)
+
+
+def last_lines(path: Path, count: int = 15) -> str:
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - 16384))
+            lines = log.read().decode(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(f"    | {line}" for line in lines[-count:]) or "    | (empty log)"
+
+
+_WATCHED: list[Stack] = []  # stacks whose failure stops every wait_until at once
+
+
 class Stack:
-    """Processes of one embedded stack; ``stop()`` ends each of them and their children."""
+    """The processes of one embedded stack, each in its own process group.
 
-    processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
-    logs: list = field(default_factory=list)
+    ``watch()`` looks after them from a thread: a component that exits is reported by name, with
+    its exit code and the last lines of its log, then restarted (``restart=True``, as ``make
+    demo`` does, a few times at most) or recorded as the stack's failure, which every
+    ``wait_until`` raises at once (the end-to-end tests fail fast instead of waiting for runs
+    that no scheduler will start). ``stop()`` ends each component and whatever it started.
+    """
 
-    def start(self, name: str, argv: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    MAX_RESTARTS = 3
+
+    def __init__(self, report=None):
+        self.components: list[Component] = []
+        self.failure: StackError | None = None
+        self.events: list[str] = []
+        self._report = report or (lambda message: print(message, file=sys.stderr, flush=True))
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._on_stop: list = []
+
+    @property
+    def processes(self) -> list[tuple[str, subprocess.Popen]]:
+        return [(c.name, c.proc) for c in self.components]
+
+    def pid(self, name: str) -> int:
+        return self.component(name).proc.pid
+
+    def component(self, name: str) -> Component:
+        return next(c for c in self.components if c.name == name)
+
+    def start(self, name: str, argv: list[str], env: dict, log_path: Path,
+              stop_signal: int = signal.SIGTERM, stop_last: bool = False, **popen_kwargs) -> subprocess.Popen:
+        with self._lock:
+            proc = self._spawn(argv, env, log_path, popen_kwargs)
+            self.components.append(Component(name, argv, env, log_path, proc, stop_signal, popen_kwargs,
+                                             stop_last=stop_last))
+            return proc
+
+    @staticmethod
+    def _spawn(argv, env, log_path: Path, popen_kwargs: dict) -> subprocess.Popen:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "ab")
-        self.logs.append(log)
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        self.processes.append((name, proc))
-        return proc
+        with open(log_path, "ab") as log:  # the child keeps its own descriptor
+            return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, **popen_kwargs)
+
+    def on_stop(self, callback) -> None:
+        """``callback()`` runs at the end of ``stop()`` (e.g. to remove a database cluster)."""
+        self._on_stop.append(callback)
+
+    def exited(self) -> list[Component]:
+        return [c for c in self.components if c.proc.poll() is not None]
+
+    def describe_exit(self, component: Component) -> str:
+        return (f"{component.name} (pid {component.proc.pid}) exited with code {component.proc.returncode}; "
+                f"last lines of {component.log_path}:\n{component.last_lines()}")
 
     def check_alive(self) -> None:
-        for name, proc in self.processes:
-            if proc.poll() is not None:
-                raise StackError(f"{name} exited with code {proc.returncode}")
+        if self.failure:
+            raise self.failure
+        for component in self.exited():
+            raise StackError(self.describe_exit(component))
+
+    def watch(self, restart: bool, interval: float = 1.0) -> None:
+        """Look after the components from now on (see the class)."""
+        if self not in _WATCHED:
+            _WATCHED.append(self)
+        self._watcher = threading.Thread(target=self._watch, args=(restart, interval), daemon=True,
+                                         name="deployline-stack-watch")
+        self._watcher.start()
+
+    def _watch(self, restart: bool, interval: float) -> None:
+        while not self._stopping.wait(interval):
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                for component in self.exited():
+                    message = self.describe_exit(component)
+                    try:  # what it started (LocalExecutor's workers, the log server) goes with it
+                        os.killpg(component.proc.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                    if restart and component.restarts < self.MAX_RESTARTS:
+                        component.restarts += 1
+                        component.proc = self._spawn(component.argv, component.env, component.log_path,
+                                                     component.popen_kwargs)
+                        message += (f"\nrestarted {component.name} (pid {component.proc.pid}, "
+                                    f"restart {component.restarts} of {self.MAX_RESTARTS})")
+                        self.events.append(message)
+                        self._report(message)
+                        continue
+                    self.failure = StackError(message + ("\nnot restarted again: it keeps exiting" if restart else ""))
+                    self.events.append(message)
+                    self._report(f"stack failed: {message}")
+                    return
 
     def stop(self, grace: float = 20) -> None:
-        for _, proc in reversed(self.processes):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace
-        for _, proc in reversed(self.processes):
+        """SIGTERM (or the component's stop signal) to every component at once, the database
+        after the others; SIGKILL to each process group after ``grace`` seconds."""
+        self._stopping.set()
+        if self in _WATCHED:
+            _WATCHED.remove(self)
+        with self._lock:
+            first = [c for c in self.components if not c.stop_last]
+            for group in (first, [c for c in self.components if c.stop_last]):
+                for component in reversed(group):
+                    if component.proc.poll() is None:
+                        try:
+                            os.killpg(component.proc.pid, component.stop_signal)
+                        except ProcessLookupError:
+                            pass
+                deadline = time.monotonic() + grace
+                for component in reversed(group):
+                    try:
+                        component.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        pass
+                    try:
+                        os.killpg(component.proc.pid, signal.SIGKILL)  # and whatever it left in its group
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                    if component.proc.poll() is None:
+                        component.proc.wait(timeout=10)
+            self.components.clear()
+        for callback in self._on_stop:
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # and whatever it left in its group
-            except ProcessLookupError:
-                pass
-        for log in self.logs:
-            log.close()
-        self.processes.clear()
-        self.logs.clear()
+                callback()
+            except Exception as exc:  # stopping goes on
+                self._report(f"clean-up after stop failed: {exc}")
+        self._on_stop.clear()
+
+
+def raise_if_a_stack_failed() -> None:
+    for stack in list(_WATCHED):
+        if stack.failure:
+            raise stack.failure
 
 
 def start_moto(stack: Stack, port: int, log_path: Path) -> str:
@@ -270,23 +406,71 @@ def _boto_keys() -> dict:
     }
 
 
-def start_airflow(stack: Stack, env: dict, log_path: Path, timeout: float = 240) -> str:
+DATABASE_URL = "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"
+
+
+def start_database(stack: Stack, folder: Path, log_dir: Path, timeout: float = 60) -> dict[str, str]:
+    """Airflow's metadata database: a PostgreSQL server of the stack's own in ``folder``.
+
+    Returns the Airflow settings that point at it. A database named by the caller's own
+    ``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN`` is used instead (SQLite only that way: under load its
+    single writer lock stopped the scheduler and the triggerer, docs/RELIABILITY.md).
+    """
+    from deployline import postgres
+
+    if os.environ.get(DATABASE_URL):
+        return {DATABASE_URL: os.environ[DATABASE_URL]}
+    try:
+        cluster = postgres.init_cluster(folder)
+    except postgres.PostgresError as exc:
+        raise StackError(str(exc)) from exc
+    stack.on_stop(cluster.remove)
+    port = free_port()
+    proc = stack.start("postgres", cluster.server_argv(port), postgres.server_env(), log_dir / "postgres.log",
+                       stop_signal=signal.SIGINT, stop_last=True, **postgres.run_as())  # SIGINT: fast shutdown
+
+    def ready():
+        if proc.poll() is not None:
+            raise StackError(stack.describe_exit(stack.component("postgres")))
+        return postgres.accepts_connections(cluster, port)
+
+    wait_until(ready, timeout, f"PostgreSQL on 127.0.0.1:{port} (log: {log_dir / 'postgres.log'})", interval=0.3)
+    postgres.create_database(cluster, port)
+    return {DATABASE_URL: cluster.url(port)}
+
+
+AIRFLOW_COMPONENTS = ("scheduler", "dag-processor", "triggerer", "api-server")
+
+
+def start_airflow(stack: Stack, env: dict, log_dir: Path, timeout: float = 240,
+                  components: tuple[str, ...] = AIRFLOW_COMPONENTS) -> str:
+    """``airflow db migrate``, then each component as a process of its own (as Compose runs them),
+    each with its log in ``log_dir``; returns the API's base URL once every component is healthy."""
     port = int(env["AIRFLOW__API__PORT"])
     if not port_is_free(port):
         raise StackError(f"port {port} for the Airflow API server is in use (set DEPLOYLINE_API_PORT)")
-    airflow = Path(sys.executable).parent / "airflow"
-    proc = stack.start("airflow standalone", [str(airflow), "standalone"], env, log_path)
+    if not env.get(DATABASE_URL):
+        raise StackError(f"no metadata database: call start_database first or set {DATABASE_URL}")
+    airflow = str(Path(sys.executable).parent / "airflow")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "db-migrate.log", "ab") as log:
+        done = subprocess.run([airflow, "db", "migrate"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, timeout=600)
+    if done.returncode != 0:
+        raise StackError(f"airflow db migrate failed (exit {done.returncode}); last lines of "
+                         f"{log_dir / 'db-migrate.log'}:\n{last_lines(log_dir / 'db-migrate.log')}")
+    for name in components:
+        stack.start(name, [airflow, name], env, log_dir / f"{name}.log")
     base = f"http://localhost:{port}"
     import requests
 
     def healthy():
-        if proc.poll() is not None:
-            raise StackError(f"airflow standalone exited with code {proc.returncode}; see {log_path}")
+        stack.check_alive()
         health = requests.get(f"{base}/api/v2/monitor/health", timeout=5).json()
         parts = ("metadatabase", "scheduler", "triggerer", "dag_processor")
         return all((health.get(p) or {}).get("status") == "healthy" for p in parts)
 
-    wait_until(healthy, timeout, f"Airflow on {base} (log: {log_path})", interval=1)
+    wait_until(healthy, timeout, f"Airflow on {base} (logs: {log_dir})", interval=1)
     return base
 
 

@@ -48,7 +48,7 @@ def run_environment(config: PipelineConfig, stage: str, size: int, inputs, commi
     def env_name() -> str:
         return environment_name(config.application, stage, get_current_context()["run_id"])
 
-    @task(task_id="provision_environment", retries=1)
+    @task(task_id="provision_environment", retries=1, **envs.host_queue())
     def provision_environment(inputs: dict, commit: dict) -> dict:
         spec = EnvironmentSpec(
             application=config.application, stage=stage, name=env_name(), size=size, version=commit["version"],
@@ -59,13 +59,13 @@ def run_environment(config: PipelineConfig, stage: str, size: int, inputs, commi
         log.info("%s environment %s at %s (%d)", stage, info.name, info.endpoint, info.size)
         return info.to_dict()
 
-    @task(task_id="wait_until_healthy")
+    @task(task_id="wait_until_healthy", **envs.host_queue())
     def wait_until_healthy() -> str:
         info = aws.environment_driver(config).wait_until_healthy(env_name(), envs.health_path, envs.health_timeout)
         log.info("environment %s is healthy at %s", info.name, info.endpoint)
         return info.endpoint
 
-    @task(task_id="teardown_environment")
+    @task(task_id="teardown_environment", **envs.host_queue())
     def teardown_environment() -> None:
         removed = aws.environment_driver(config).teardown(env_name())
         log.info("environment %s %s", env_name(), "removed" if removed else "was already gone")

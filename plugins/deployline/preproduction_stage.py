@@ -89,7 +89,8 @@ def preproduction_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
                             raise
                     log.info("created pool %s (1 slot)", pool)
 
-        @task(task_id="update_environment", pool=config.preproduction_pool, retries=1)
+        @task(task_id="update_environment", pool=config.preproduction_pool, retries=1,
+              **config.environments.host_queue())
         def update_environment(candidate: dict, commit: dict) -> str:
             spec = EnvironmentSpec(
                 application=config.application, stage="preproduction", name=preproduction_name(config),
@@ -103,7 +104,7 @@ def preproduction_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
                      info.version, info.size, info.endpoint)
             return info.endpoint
 
-        @task(task_id="smoke_test", pool=config.preproduction_pool)
+        @task(task_id="smoke_test", pool=config.preproduction_pool, **config.environments.host_queue())
         def smoke_test(endpoint: str, candidate: dict, commit: dict) -> list[str]:
             ctx = get_current_context()
             output = run_repository_test(config, config.smoke_test, "smoke_test", commit, endpoint,

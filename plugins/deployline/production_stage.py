@@ -85,7 +85,7 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
                                   verify=config.production.verify_seconds, drain=config.production.drain_seconds)
         _, _, approved = approval_tasks(config, "production", commit, after=after)
 
-        @task(task_id="deploy", pool=config.production_pool)
+        @task(task_id="deploy", pool=config.production_pool, **config.environments.host_queue())
         def deploy(candidate: dict, commit: dict) -> dict:
             run_id, version = get_current_context()["run_id"], commit["version"]
             driver, registry = aws.environment_driver(config), ReleaseRegistry.for_config(config)
@@ -128,14 +128,15 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
                      deployed.switch_seconds, deployed.previous_version)
             return details
 
-        @task(task_id="ensure_production_address", pool=config.production_pool, retries=2)
+        @task(task_id="ensure_production_address", pool=config.production_pool, retries=2,
+              **config.environments.host_queue())
         def ensure_production_address() -> dict:
             router = aws.environment_driver(config).ensure_router(config.application)
             log.info("production address of %s: %s (live: %s)", config.application, router.endpoint,
                      router.live or "nothing yet")
             return router.to_dict()
 
-        @task(task_id="clean_up_environments", pool=config.production_pool)
+        @task(task_id="clean_up_environments", pool=config.production_pool, **config.environments.host_queue())
         def clean_up_environments() -> list[str]:
             removed = remove_idle(aws.environment_driver(config), config.application, logger=log)
             log.info("removed %d idle production environment(s): %s", len(removed), ", ".join(removed) or "none")

@@ -478,21 +478,21 @@ def build_self_service_dag(config: PipelineConfig) -> DAG:
         def choose_action(request: dict) -> str:
             return "provision_environment" if request["action"] == "launch" else "destroy_environment"
 
-        @task(task_id="provision_environment", retries=1)
+        @task(task_id="provision_environment", retries=1, **envs.host_queue())
         def provision_environment(request: dict) -> dict:
             environment = provision(aws.environment_driver(config), config, request, get_current_context()["run_id"])
             log.info("%s environment %s at %s (size %d)", "new" if environment["created"] else "reusing",
                      environment["name"], environment["endpoint"], environment["size"])
             return environment
 
-        @task(task_id="wait_until_healthy")
+        @task(task_id="wait_until_healthy", **envs.host_queue())
         def wait_until_healthy(environment: dict) -> str:
             info = aws.environment_driver(config).wait_until_healthy(
                 environment["name"], envs.health_path, envs.health_timeout)
             log.info("environment %s is healthy at %s", info.name, info.endpoint)
             return info.endpoint
 
-        @task(task_id="smoke_test")  # it waits for the endpoint itself; a wrong version stays wrong
+        @task(task_id="smoke_test", **envs.host_queue())  # it waits for the endpoint itself; a wrong version stays wrong
         def smoke(endpoint: str, request: dict) -> dict:
             result = smoke_test(endpoint, envs.health_path, request["expected_version"])
             log.info("%s%s: %s; /version: %s", endpoint, envs.health_path, result["health"], result["version"])
@@ -509,7 +509,7 @@ def build_self_service_dag(config: PipelineConfig) -> DAG:
                      request["owner"], entry["url"], entry["size"], entry["expires_at"], bar)
             return {"name": request["name"], **entry}
 
-        @task(task_id="remove_failed_launch")
+        @task(task_id="remove_failed_launch", **envs.host_queue())
         def remove_failed_launch(environment: dict, request: dict) -> None:
             # A teardown: it runs once the launch is over, whatever happened, and removes only what a
             # failed launch made. A launch is complete when record_environment returned.
@@ -527,7 +527,7 @@ def build_self_service_dag(config: PipelineConfig) -> DAG:
             log.info("this launch failed: environment %s %s", environment["name"],
                      "removed" if removed else "was already gone")
 
-        @task(task_id="destroy_environment", retries=1)
+        @task(task_id="destroy_environment", retries=1, **envs.host_queue())
         def destroy_environment(request: dict) -> dict:
             return destroy_environments(aws.environment_driver(config), ReleaseRegistry.for_config(config), app,
                                         request, get_current_context()["run_id"], datetime.now(UTC))
@@ -561,7 +561,7 @@ def build_reaper_dag(configs: list[PipelineConfig]) -> DAG:
 
 
 def _reap_task(config: PipelineConfig):
-    @task(task_id=f"reap_{config.application}")
+    @task(task_id=f"reap_{config.application}", **config.environments.host_queue())
     def reap() -> dict:
         result = reap_expired(aws.environment_driver(config), ReleaseRegistry.for_config(config),
                               config.application, datetime.now(UTC))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -19,13 +20,18 @@ def work_dir() -> Path:
     return Path(airflow_home) / "deployline"
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+def safe_name(name: str) -> str:
+    """``name`` as one folder or S3 key segment. A name that had to change gets a digest of the
+    original, so two names never share a folder (``commit:_x`` and ``commit__x`` used to)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip(".") or "_"
+    if cleaned == name:
+        return name
+    return f"{cleaned}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
 
 
 def workspace(application: str, run_id: str) -> Path:
-    """The checkout one pipeline run builds in; the same path on every retry of the run."""
-    return work_dir() / "workspaces" / _safe(application) / _safe(run_id)
+    """The folder of one pipeline run's task on this worker; the same path on every retry."""
+    return work_dir() / "workspaces" / safe_name(application) / safe_name(run_id)
 
 
 def remove_workspace(application: str, run_id: str) -> bool:

@@ -55,6 +55,7 @@ def shape(dag):
                 "mode": getattr(t, "mode", None),
                 "deferrable": getattr(t, "deferrable", None),
                 "pool": t.pool,
+                "queue": t.queue,
                 "retries": t.retries,
             }
             for t in dag.tasks

@@ -92,8 +92,9 @@ def test_pipeline_dag_shape_follows_the_design(parsed):
     assert tasks["2-commit.build"]["upstream"] == ["2-commit.checkout", "resolve_commit"]
     for step in ("2-commit.unit_test", "2-commit.static_analysis"):
         assert tasks[step]["upstream"] == ["2-commit.build", "resolve_commit"]
+    # publish_artifact restores the build itself (from S3, checked): any worker can run it.
     assert tasks["2-commit.publish_artifact"]["upstream"] == [
-        "2-commit.static_analysis", "2-commit.unit_test", "resolve_commit"]
+        "2-commit.build", "2-commit.static_analysis", "2-commit.unit_test", "resolve_commit"]
     teardown = tasks["2-commit.clean_workspace"]
     assert teardown["is_teardown"] and teardown["trigger_rule"] == "all_done_setup_success"
     assert teardown["upstream"] == ["2-commit.checkout", "2-commit.publish_artifact"]
@@ -140,6 +141,42 @@ def test_a_broken_config_is_an_import_error_and_the_others_still_load(tmp_path):
     assert "2 pipeline config(s) are invalid" in error
     assert f"{pipelines}/billing.yaml: polling.schedule: Value error, not a valid cron expression" in error
     assert f"{pipelines}/orders.yaml: commit_stage: Field required; aws: Field required" in error
+
+
+# Every task that starts, changes, checks, tests or stops a local environment (processes on one
+# host's loopback) runs on that host's queue; everything else may run on any worker (issue 16).
+ENVIRONMENT_HOST_TASKS = {
+    "sample_service_pipeline": {
+        "3-acceptance.provision_environment", "3-acceptance.wait_until_healthy", "3-acceptance.acceptance_test",
+        "3-acceptance.teardown_environment",
+        "6-capacity.provision_environment", "6-capacity.wait_until_healthy", "6-capacity.load_test_expected",
+        "6-capacity.load_test_peak", "6-capacity.teardown_environment",
+        "7-pre-production.update_environment", "7-pre-production.smoke_test",
+        "8-production.ensure_production_address", "8-production.deploy", "8-production.clean_up_environments",
+    },
+    "sample_service_self_service": {"provision_environment", "wait_until_healthy", "smoke_test",
+                                    "remove_failed_launch", "destroy_environment"},
+    "self_service_reaper": {"reap_sample_service"},
+}
+
+
+def test_local_environment_tasks_go_to_the_environment_host_queue_and_nothing_else_does(parsed):
+    for dag_id, dag in parsed["dags"].items():
+        on_host = {t for t, task in dag["tasks"].items() if task["queue"] == "deployline_local_environments"}
+        assert on_host == ENVIRONMENT_HOST_TASKS.get(dag_id, set()), dag_id
+        others = {task["queue"] for t, task in dag["tasks"].items() if t not in on_host}
+        assert others <= {"default"}, dag_id
+
+
+def test_the_cloudformation_driver_needs_no_environment_host(tmp_path):
+    pipelines = tmp_path / "pipelines"
+    pipelines.mkdir()
+    (pipelines / "sample_service.yaml").write_text(
+        (ROOT / "include/pipelines/sample_service.yaml").read_text().replace("driver: local", "driver: cloudformation"))
+    found = parse(tmp_path, pipelines)
+    assert found["import_errors"] == {}
+    queues = {task["queue"] for dag in found["dags"].values() for task in dag["tasks"].values()}
+    assert queues == {"default"}
 
 
 @pytest.mark.parametrize("gate", ["exploratory", "production"])

@@ -1,7 +1,8 @@
-"""One moto and one real Airflow (scheduler, API server, DAG processor, triggerer) per session.
+"""One moto, one PostgreSQL and one real Airflow (scheduler, API server, DAG processor, triggerer)
+per session.
 
 Tests act as a user does: they push commits to the git repository, use the REST API,
-and look at AWS state through the AWS API.  Logs are kept in test-artifacts/e2e/.
+and look at AWS state through the AWS API.  Each component's log is kept in test-artifacts/e2e/.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import subprocess
 
 import boto3
@@ -29,8 +31,15 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("after_the_suite") is not None)
 
 
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 @pytest.fixture(scope="session")
 def e2e(tmp_path_factory):
+    # Stopped from outside (CI's time limit, kill): the finally below still stops the stack,
+    # whose processes are in sessions of their own and would outlive pytest.
+    signal.signal(signal.SIGTERM, _interrupt)
     root = tmp_path_factory.mktemp("e2e")
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
@@ -68,7 +77,8 @@ def e2e(tmp_path_factory):
         (pipelines / f"{STRICT_APP}.yaml").write_text(yaml.safe_dump(strict))
 
         home = root / "airflow"
-        env = embedded.airflow_env(home, embedded.free_port(), endpoint, {
+        database = embedded.start_database(stack, root / "postgres", ARTIFACTS)
+        env = embedded.airflow_env(home, embedded.free_port(), endpoint, database | {
             "DEPLOYLINE_PIPELINES_DIR": str(pipelines),
             "DEPLOYLINE_DEMO_REPO": str(bare),
             "DEPLOYLINE_ARTIFACT_BUCKET": BUCKET,
@@ -77,11 +87,14 @@ def e2e(tmp_path_factory):
             f"AIRFLOW_CONN_{GIT_CONN.upper()}": json.dumps(
                 {"conn_type": "generic", "login": "ci-bot", "password": SECRETS["git token"]}),
         })
-        base = embedded.start_airflow(stack, env, ARTIFACTS / "airflow.log")
+        base = embedded.start_airflow(stack, env, ARTIFACTS)
+        # A component that exits fails the session's waits at once, with its name and last log
+        # lines, instead of every later test waiting for runs that will never start.
+        stack.watch(restart=False)
         api = AirflowApi(base, "admin", embedded.password(home))
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name=embedded.REGION,
                           aws_access_key_id="testing", aws_secret_access_key="testing")
-        session = E2E(api, s3, clone, bare, home, seed)
+        session = E2E(api, s3, clone, bare, home, seed, stack, database[embedded.DATABASE_URL])
         # Every module starts from the first release: its candidate exists before any test pushes.
         session.candidate_run(seed)
         yield session

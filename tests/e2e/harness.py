@@ -33,6 +33,8 @@ class E2E:
     bare: Path
     home: Path
     seed: str  # the first commit, in the repository before Airflow started
+    stack: embedded.Stack
+    database_url: str  # Airflow's metadata database (the session's own PostgreSQL)
 
     def push(self, files: dict[str, str], message: str, commits: int = 1) -> list[str]:
         """Commit ``files`` (``commits`` times, each a separate commit) and push once; returns the shas."""

@@ -1,7 +1,6 @@
 """Secrets stay in Airflow connections: none shows up in a task log, an XCom or the registry."""
 
 import base64
-import sqlite3
 
 import pytest
 from harness import BUCKET, SECRETS
@@ -25,8 +24,14 @@ def test_connection_secrets_never_leak(e2e):
         text = path.read_text(errors="replace")
         found += [(name, str(path)) for name, values in wanted.items() if any(v in text for v in values)]
 
-    with sqlite3.connect(f"file:{e2e.home / 'airflow.db'}?mode=ro", uri=True, timeout=60) as db:
-        xcoms = db.execute("SELECT dag_id, run_id, task_id, key, value FROM xcom").fetchall()
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(e2e.database_url)
+    try:
+        with engine.connect() as db:
+            xcoms = db.execute(text("SELECT dag_id, run_id, task_id, key, value::text FROM xcom")).fetchall()
+    finally:
+        engine.dispose()
     for dag_id, run_id, task_id, key, value in xcoms:
         text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
         found += [(name, f"xcom {dag_id}/{run_id}/{task_id}/{key}") for name, values in wanted.items()

@@ -3,7 +3,7 @@
 tests/dags/test_dag_integrity.py::test_approval_gates checks the dict on the gate DAGs; this
 test proves what it does once Airflow runs with the FAB auth manager (the Helm deployment,
 or the README's "Only approvers decide"). tests/unit/fab_authorize.py, in a fresh interpreter
-with FAB configured on an empty SQLite database, parses dags/deployline_pipelines.py with two
+with FAB configured on an empty PostgreSQL database of its own, parses dags/deployline_pipelines.py with two
 pipeline configs (the real sample config, whose approver role is ``ReleaseApprover``, and a
 ``billing`` copy whose approver role is ``BillingApprover``), writes the DAGs to the database
 the way the DAG processor does (which syncs each DAG's ``access_control`` into FAB's
@@ -60,6 +60,17 @@ EXPECTED = {
 
 
 def authorize(tmp_path: Path) -> dict:
+    from deployline import embedded
+
+    stack = embedded.Stack()  # PostgreSQL, as under every Airflow we start
+    try:
+        database = embedded.start_database(stack, tmp_path / "postgres", tmp_path / "logs")
+        return _authorize(tmp_path, database[embedded.DATABASE_URL])
+    finally:
+        stack.stop()
+
+
+def _authorize(tmp_path: Path, database_url: str) -> dict:
     pipelines = tmp_path / "pipelines"
     pipelines.mkdir()
     sample = (ROOT / "include/pipelines/sample_service.yaml").read_text()
@@ -72,7 +83,7 @@ def authorize(tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "DEPLOYLINE_"))} | {
         "AIRFLOW_HOME": str(tmp_path / "airflow"),
         "AIRFLOW__CORE__AUTH_MANAGER": FAB,
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow.db'}",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url,
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
