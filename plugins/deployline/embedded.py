@@ -163,6 +163,9 @@ def airflow_env(
         # 10 s less per release, for about 8 % more of one core while idle (docs/PERFORMANCE.md).
         "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
         "AIRFLOW__CORE__PARALLELISM": "16",
+        # A task whose process died with its scheduler (LocalExecutor) or worker fails after a
+        # minute, not five, and is retried (deploy/airflow.env says the same for deployments).
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
         "AIRFLOW_CONN_AWS_DEFAULT": aws_connection_uri(moto_endpoint),
         # The simple auth manager and its users, even when the FAB provider is installed (it is, for
         # tests/unit/test_access_control.py) and the caller's shell selects FAB.
