@@ -102,7 +102,7 @@ def test_commit_stage_faults_fail_cleanly_and_a_killed_worker_is_retried(e2e):
     build = (e2e.clone / "build.py").read_text()
     app = (e2e.clone / "src/sample_service/app.py").read_text()
     test = "tests/unit/test_regression.py"
-    marker = str(e2e.home / f"slow-build-started-{time.time_ns()}")
+    marker_name = f"slow-build-started-{time.time_ns()}"  # in AIRFLOW_HOME; lines within ruff's 100
     script = 'if __name__ == "__main__":\n'  # only a real build runs it, not the unit tests
 
     def build_with(code: str) -> str:
@@ -116,7 +116,8 @@ def test_commit_stage_faults_fail_cleanly_and_a_killed_worker_is_retried(e2e):
         # the retry starts, however busy the machine (the marker is outside the workspace, which
         # each try restores afresh).
         "slow_build": commit_locally(e2e, {"build.py": build_with(
-            f"first_try = not os.path.exists({marker!r})\n    open({marker!r}, 'w').close()\n"
+            f"marker = os.path.join(\n        {str(e2e.home)!r},\n        {marker_name!r})\n"
+            "    first_try = not os.path.exists(marker)\n    open(marker, 'w').close()\n"
             "    time.sleep(180 if first_try else 0)")}, "Slow build"),
         "build": commit_locally(
             e2e, {"build.py": build_with('raise SystemExit(f"build broken on purpose at {time.time()}")')},
