@@ -50,7 +50,7 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from deployline.config import PROJECT_ROOT, PipelineConfigError, ServiceRoleArn, _Strict, expand_vars
 from deployline.config import _describe as _describe_error
-from deployline.environments.cloudformation import describe_stack, role_argument
+from deployline.environments.cloudformation import describe_stack, failure_reasons, role_argument
 from deployline.infrastructure_components import COMPONENTS
 
 DEPENDENCIES: dict[str, tuple[str, ...]] = {"ci_environment": ("network",)}
@@ -726,13 +726,9 @@ def _delete_stack(clients: Clients, name: str, component: str | None = None, rol
 def _failure_reasons(clients: Clients, name: str) -> str:
     """The reasons CloudFormation gives in the stack's failed events (newest first)."""
     try:
-        events = clients.cfn.describe_stack_events(StackName=name)["StackEvents"]
+        return failure_reasons(clients.cfn.describe_stack_events(StackName=name)["StackEvents"])
     except ClientError:
         return ""
-    failed = [f"{e['LogicalResourceId']} ({e.get('ResourceType', '?')}) {e['ResourceStatus']}: "
-              f"{e.get('ResourceStatusReason', 'no reason given')}"
-              for e in events if e["ResourceStatus"].endswith("FAILED")]
-    return "; ".join(failed[:5])
 
 
 def _message(exc: ClientError) -> str:

@@ -492,7 +492,8 @@ def build_self_service_dag(config: PipelineConfig) -> DAG:
             log.info("environment %s is healthy at %s", info.name, info.endpoint)
             return info.endpoint
 
-        @task(task_id="smoke_test", **envs.host_queue())  # it waits for the endpoint itself; a wrong version stays wrong
+        # It waits for the endpoint itself; a wrong version stays wrong.
+        @task(task_id="smoke_test", **envs.host_queue())
         def smoke(endpoint: str, request: dict) -> dict:
             result = smoke_test(endpoint, envs.health_path, request["expected_version"])
             log.info("%s%s: %s; /version: %s", endpoint, envs.health_path, result["health"], result["version"])
