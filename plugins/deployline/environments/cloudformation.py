@@ -20,11 +20,14 @@ and the pipeline role needs only ``iam:PassRole`` on it (``include/iam/README.md
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import re
 import time
 from pathlib import Path
 
 from botocore.exceptions import ClientError, WaiterError
+from botocore.waiter import WaiterModel, create_waiter_with_client
 
 from deployline.config import PROJECT_ROOT, CloudFormationSettings
 from deployline.environments.base import (
@@ -63,8 +66,10 @@ HEALTHY_TARGET_STATES = frozenset({"healthy"})
 _READY = frozenset({"CREATE_COMPLETE", "UPDATE_COMPLETE", "UPDATE_ROLLBACK_COMPLETE"})
 
 _UPDATING = frozenset({"UPDATE_IN_PROGRESS", "UPDATE_COMPLETE_CLEANUP_IN_PROGRESS"})
-# botocore's waiter for each operation a blocking call waits on.
-WAITERS = {"create": "stack_create_complete", "update": "stack_update_complete", "delete": "stack_delete_complete"}
+# The waiter for each operation (deployline/waiters/cloudformation.json): the blocking calls here and
+# stack_readiness.StackSettledTrigger (in the triggerer) wait alike; a rollback fails a create or update at once.
+WAITERS_FILE = Path(__file__).resolve().parents[1] / "waiters" / "cloudformation.json"
+WAITERS = {"create": "stack_created", "update": "stack_updated", "delete": "stack_deleted", "settle": "stack_settled"}
 # Start-and-wait rounds one blocking call may take (replace a failed stack: delete, then create).
 MAX_ROUNDS = 10
 
@@ -86,6 +91,16 @@ def describe_stack(cfn, name: str) -> dict | None:
     if not stacks or stacks[0]["StackStatus"] == "DELETE_COMPLETE":
         return None
     return stacks[0]
+
+
+def stack_waiter(cfn, name: str):
+    """A waiter of ``waiters/cloudformation.json`` (stack_created, ...) for a plain boto3 client."""
+    return create_waiter_with_client(name, _waiter_model(), cfn)
+
+
+@functools.cache
+def _waiter_model() -> WaiterModel:
+    return WaiterModel(json.loads(WAITERS_FILE.read_text(encoding="utf-8")))
 
 
 def failure_reasons(events: list[dict]) -> str:
@@ -156,6 +171,8 @@ class CloudFormationDriver(EnvironmentDriver):
                 return StackOperation(spec.name, "create")
             elif status == "DELETE_IN_PROGRESS":
                 return StackOperation(spec.name, "delete")  # replacing a failed one; then create
+            elif status == "ROLLBACK_IN_PROGRESS":
+                return StackOperation(spec.name, "settle")  # a failed create (a retry): then replace it
             else:
                 raise EnvironmentFailed(
                     f"environment {spec.name}: stack {spec.name} is {status}; tear it down and try again"
@@ -574,7 +591,7 @@ class CloudFormationDriver(EnvironmentDriver):
 
     def _wait(self, name: str, waiter: str, action: str) -> None:
         try:
-            self.cfn.get_waiter(waiter).wait(StackName=name, WaiterConfig=self.waiter_config)
+            stack_waiter(self.cfn, waiter).wait(StackName=name, WaiterConfig=self.waiter_config)
         except WaiterError as exc:
             raise EnvironmentFailed(
                 f"environment {name}: {action} of stack {name} failed: {self._failure_reasons(name) or exc}"
