@@ -272,6 +272,8 @@ def test_support_infrastructure_dag(parsed):
     assert tasks["choose_action"]["upstream"] == ["plan"]
     for name in ("launch", "destroy", "report_status"):
         assert tasks[name]["upstream"] == ["choose_action", "plan"]
+    for name in ("launch", "destroy"):  # one stack after the other, each waited for in the triggerer
+        assert tasks[name]["type"] == "SupportInfrastructureOperator" and tasks[name]["deferrable"]
 
 
 def test_delivery_metrics_dag_publishes_every_application_daily(parsed):
