@@ -99,14 +99,14 @@ class SsmCommandDoneTrigger(AwsBaseWaiterTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = self.hook()
         done = {"command_id": self.command_id, "instance_id": self.instance_id}
-        async with await hook.get_async_conn() as client:
-            waiter = hook.get_waiter(self.waiter_name, deferrable=True, client=client)
+        async with await hook.get_async_conn() as ssm_client:
+            waiter = hook.get_waiter(self.waiter_name, deferrable=True, client=ssm_client)
             try:
                 await async_wait(waiter, self.waiter_delay, self.attempts, self.waiter_args, self.failure_message,
                                  self.status_message, self.status_queries)
             except AirflowException as error:
                 try:
-                    invocation = await client.get_command_invocation(CommandId=self.command_id,
+                    invocation = await ssm_client.get_command_invocation(CommandId=self.command_id,
                                                                      InstanceId=self.instance_id)
                 except ClientError as exc:
                     invocation = {"Status": "unknown", "StandardErrorContent": f"{error}; {exc}"}

@@ -107,13 +107,13 @@ class StackSettledTrigger(AwsBaseWaiterTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = self.hook()
-        async with await hook.get_async_conn() as client:
-            waiter = hook.get_waiter(self.waiter_name, deferrable=True, client=client)
+        async with await hook.get_async_conn() as cfn:
+            waiter = hook.get_waiter(self.waiter_name, deferrable=True, client=cfn)
             try:
                 await async_wait(waiter, self.waiter_delay, self.attempts, self.waiter_args, self.failure_message,
                                  self.status_message, self.status_queries)
             except AirflowException as error:
-                status, reasons = await self._explain(client)
+                status, reasons = await self._explain(cfn)
                 if isinstance(error, WaiterMaxAttemptsError):
                     message = (f"{self.operation} of stack {self.stack_name}: still {status} after "
                                f"{self.attempts * self.waiter_delay}s")
@@ -124,12 +124,12 @@ class StackSettledTrigger(AwsBaseWaiterTrigger):
                 return
         yield TriggerEvent({"status": "success", "stack_name": self.stack_name, "operation": self.operation})
 
-    async def _explain(self, client) -> tuple[str, str]:
+    async def _explain(self, cfn) -> tuple[str, str]:
         """The stack's status (``absent`` when gone) and CloudFormation's reasons for the failure."""
         try:
-            stacks = (await client.describe_stacks(StackName=self.stack_name))["Stacks"]
+            stacks = (await cfn.describe_stacks(StackName=self.stack_name))["Stacks"]
             status = stacks[0]["StackStatus"] if stacks else "absent"
-            events = (await client.describe_stack_events(StackName=self.stack_name))["StackEvents"]
+            events = (await cfn.describe_stack_events(StackName=self.stack_name))["StackEvents"]
         except ClientError as exc:
             return ("absent" if "does not exist" in str(exc) else "unknown"), ""
         return status, failure_reasons(events)
