@@ -7,7 +7,7 @@ STAMP := $(VENV)/.requirements-installed
 export PYTHONPATH := $(CURDIR)/plugins
 
 CHROMIUM := /usr/bin/chromium
-.PHONY: demo test test-unit test-e2e bench venv venv-checkov browser clean
+.PHONY: demo test test-unit test-e2e test-distributed bench venv venv-checkov browser redis clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,20 @@ test-unit: $(STAMP) $(CHECKOV_STAMP)
 
 test-e2e: $(STAMP) browser
 	$(PY) -m pytest tests/e2e
+
+# Redis for the Celery cluster of test-distributed: Debian's redis-server (root can install it), or
+# DEPLOYLINE_REDIS_SERVER=/path/to/redis-server.
+redis:
+	@test -n "$$DEPLOYLINE_REDIS_SERVER" || command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's redis-server for the Celery cluster tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "no redis-server: apt-get install redis-server, or set DEPLOYLINE_REDIS_SERVER" >&2; exit 1; fi; }
+
+# The Compose topology as plain processes: PostgreSQL, Redis, Airflow's components and two Celery
+# workers that share nothing but the database, the broker, git and S3 (docs/DEPLOYMENT.md).
+test-distributed: $(STAMP) redis
+	$(PY) -m pytest tests/distributed
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

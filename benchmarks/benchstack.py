@@ -93,7 +93,7 @@ class Bench:
     env: dict
     started_at: float  # when the Airflow components were started
     healthy_s: float
-    database: str  # "postgres" or "sqlite"
+    database: str  # "postgres", "sqlite" or "postgres+celery"
     pushes: int = field(default=0)
 
     def approver(self) -> AirflowApi:
@@ -140,12 +140,16 @@ def write_config(root: Path, changes: dict) -> Path:
 @contextmanager
 def embedded_stack(bucket: str = "deployline-bench", airflow_defaults: bool = False,
                    overrides: dict[str, str] | None = None, config_changes: dict | None = None,
-                   database: str = "postgres") -> Iterator[Bench]:
+                   database: str = "postgres", celery: bool = False,
+                   pipelines_dir: Path | None = None) -> Iterator[Bench]:
     """moto, the seeded repository, the database and Airflow's components, as ``make demo`` starts them.
 
     ``airflow_defaults``: without Deployline's tuning; ``overrides``: further Airflow settings;
     ``config_changes``: top-level keys of the demo pipeline config replaced (else the demo config);
-    ``database``: ``postgres`` (the default) or ``sqlite`` (the old default, for comparison).
+    ``database``: ``postgres`` (the default) or ``sqlite`` (the old default, for comparison);
+    ``celery``: the Celery cluster of ``make test-distributed`` instead (PostgreSQL, Redis, two
+    workers); ``pipelines_dir``: a folder of pipeline configs of the caller's own.
+    A component that exits fails every wait at once (``Stack.watch``).
     """
     # Stopped from outside: still run the finally below, so nothing is left running.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
@@ -153,6 +157,7 @@ def embedded_stack(bucket: str = "deployline-bench", airflow_defaults: bool = Fa
     with tempfile.TemporaryDirectory(prefix="deployline-bench-") as tmp:
         root = Path(tmp)
         home = root / "airflow"
+        environment_hosts = [home]  # where the local environments' state is (stopped at the end)
         try:
             logs = root / "logs"
             moto = embedded.start_moto(stack, embedded.free_port(), logs / "moto.log")
@@ -162,25 +167,37 @@ def embedded_stack(bucket: str = "deployline-bench", airflow_defaults: bool = Fa
             extra = {"DEPLOYLINE_DEMO_REPO": str(bare), "DEPLOYLINE_ARTIFACT_BUCKET": bucket}
             if config_changes:
                 extra["DEPLOYLINE_PIPELINES_DIR"] = str(write_config(root, config_changes))
-            if database == "sqlite":
-                extra[embedded.DATABASE_URL] = f"sqlite:///{root / 'airflow.db'}"
+            if pipelines_dir:
+                extra["DEPLOYLINE_PIPELINES_DIR"] = str(pipelines_dir)
+            if celery:
+                from deployline import embedded_cluster
+
+                started = time.time()
+                cluster = embedded_cluster.start_cluster(stack, root, moto, logs, extra=extra | (overrides or {}))
+                base, env, database = cluster.base, cluster.env, "postgres+celery"
+                environment_hosts = [w.home for w in cluster.workers]
             else:
-                extra |= embedded.start_database(stack, root / "postgres", logs)
-            env = embedded.airflow_env(home, embedded.free_port(), moto, extra)
-            env = tuned_env(env, airflow_defaults, overrides)
+                if database == "sqlite":
+                    extra[embedded.DATABASE_URL] = f"sqlite:///{root / 'airflow.db'}"
+                else:
+                    extra |= embedded.start_database(stack, root / "postgres", logs)
+                env = embedded.airflow_env(home, embedded.free_port(), moto, extra)
+                env = tuned_env(env, airflow_defaults, overrides)
+                started = time.time()
+                base = embedded.start_airflow(stack, env, logs)
             print(f"airflow settings: {tuning_of(env)}", file=sys.stderr)
-            started = time.time()
-            base = embedded.start_airflow(stack, env, logs)
             healthy = time.time() - started
+            stack.watch(restart=False)
             print(f"airflow on {database} healthy in {healthy:.1f}s (load {loadavg()})", file=sys.stderr)
             api = AirflowApi(base, "admin", embedded.password(home))
             yield Bench(root, stack, moto, bare, clone, seed, home, base, api, env, started, healthy, database)
         finally:
             stack.stop()
-            try:
-                embedded.stop_environments(home)
-            except Exception as exc:  # never hide the benchmark's own error
-                print(f"stopping the environments failed: {exc}", file=sys.stderr)
+            for host in environment_hosts:
+                try:
+                    embedded.stop_environments(host)
+                except Exception as exc:  # never hide the benchmark's own error
+                    print(f"stopping the environments failed: {exc}", file=sys.stderr)
             if os.environ.get("DEPLOYLINE_BENCH_KEEP_LOGS"):
                 keep = Path(os.environ["DEPLOYLINE_BENCH_KEEP_LOGS"])
                 keep.mkdir(parents=True, exist_ok=True)

@@ -212,12 +212,17 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=30,
                         help="after the releases, measure the components' CPU use this long (0: not at all)")
     parser.add_argument("--raw", type=Path, help="keep each release's REST API answers in this folder")
+    parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres",
+                        help="Airflow's metadata database (sqlite: the old embedded default, to compare)")
+    parser.add_argument("--celery", action="store_true",
+                        help="the Celery cluster of make test-distributed (two workers) instead of the LocalExecutor")
     args = parser.parse_args()
     global RAW
     RAW = args.raw
     overrides = dict(item.split("=", 1) for item in args.set)
     load_before = loadavg()
-    with embedded_stack(BUCKET, args.airflow_defaults, overrides) as bench:
+    with embedded_stack(BUCKET, args.airflow_defaults, overrides, database=args.database,
+                        celery=args.celery) as bench:
         tasks = embedded.wait_until(lambda: bench.api.get(f"/dags/{PIPELINE}/tasks"), 120, "the pipeline's tasks")
         with AutoApprover(bench.approver()) as approver:
             first = release(bench, approver, bench.seed, None, tasks)
@@ -234,8 +239,10 @@ def main() -> int:
         idle = idle_cpu(bench, args.idle_seconds) if args.idle_seconds else None
         settings = tuning_of(bench.env)
         healthy = bench.healthy_s
+        database = bench.database
     result = {
         "airflow_defaults": args.airflow_defaults,
+        "database": database,
         "settings": settings,
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),

@@ -21,6 +21,10 @@ BENCHMARKS = {
     "capacity_and_switch": ["capacity_and_switch.py"],
     "orchestration": ["orchestration.py", "--releases", "3"],
     "orchestration_airflow_defaults": ["orchestration.py", "--releases", "3", "--airflow-defaults"],
+    # The embedded default's database against the old one, and the Celery cluster (issue 16).
+    "orchestration_sqlite": ["orchestration.py", "--releases", "3", "--database", "sqlite"],
+    "orchestration_celery": ["orchestration.py", "--releases", "3", "--celery"],
+    "burst": ["burst.py", "--applications", "20"],
     "waiting_cost": ["waiting_cost.py", "--runs", "20"],
     "polling": ["polling.py", "--pokes", "50", "--pushes", "6"],
 }

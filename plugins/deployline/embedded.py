@@ -60,6 +60,8 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.5):
             result = check()
             if result:
                 return result
+        except StackError:  # a component has exited: waiting longer cannot help
+            raise
         except Exception as exc:  # the thing may not be up yet
             last_error = exc
         time.sleep(interval)
@@ -161,6 +163,9 @@ def airflow_env(
         # 10 s less per release, for about 8 % more of one core while idle (docs/PERFORMANCE.md).
         "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
         "AIRFLOW__CORE__PARALLELISM": "16",
+        # A task whose process died with its scheduler (LocalExecutor) or worker fails after a
+        # minute, not five, and is retried (deploy/airflow.env says the same for deployments).
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
         "AIRFLOW_CONN_AWS_DEFAULT": aws_connection_uri(moto_endpoint),
         # The simple auth manager and its users, even when the FAB provider is installed (it is, for
         # tests/unit/test_access_control.py) and the caller's shell selects FAB.
@@ -258,6 +263,7 @@ class Stack:
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
         self._on_stop: list = []
+        self._held: set[str] = set()
 
     @property
     def processes(self) -> list[tuple[str, subprocess.Popen]]:
@@ -284,12 +290,20 @@ class Stack:
             return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, **popen_kwargs)
 
+    def hold(self, name: str) -> None:
+        """Leave ``name`` down if it exits (a lost machine that stays away), until ``release``."""
+        self._held.add(name)
+
+    def release(self, name: str) -> None:
+        """Restart ``name`` at the next look if it is down (``watch(restart=True)``)."""
+        self._held.discard(name)
+
     def on_stop(self, callback) -> None:
         """``callback()`` runs at the end of ``stop()`` (e.g. to remove a database cluster)."""
         self._on_stop.append(callback)
 
     def exited(self) -> list[Component]:
-        return [c for c in self.components if c.proc.poll() is not None]
+        return [c for c in self.components if c.proc.poll() is not None and c.name not in self._held]
 
     def describe_exit(self, component: Component) -> str:
         return (f"{component.name} (pid {component.proc.pid}) exited with code {component.proc.returncode}; "

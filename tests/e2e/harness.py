@@ -35,6 +35,12 @@ class E2E:
     seed: str  # the first commit, in the repository before Airflow started
     stack: embedded.Stack
     database_url: str  # Airflow's metadata database (the session's own PostgreSQL)
+    work_dir: Path | None = None  # the environments' host's DEPLOYLINE_WORK_DIR (default: home/deployline)
+    bucket: str = BUCKET
+
+    @property
+    def environments_dir(self) -> Path:
+        return (self.work_dir or self.home / "deployline") / "environments"
 
     def push(self, files: dict[str, str], message: str, commits: int = 1) -> list[str]:
         """Commit ``files`` (``commits`` times, each a separate commit) and push once; returns the shas."""
@@ -123,7 +129,7 @@ class E2E:
 
     def record(self, version: str) -> dict | None:
         try:
-            body = self.s3.get_object(Bucket=BUCKET, Key=f"{APP}/releases/{version}.json")["Body"].read()
+            body = self.s3.get_object(Bucket=self.bucket, Key=f"{APP}/releases/{version}.json")["Body"].read()
         except self.s3.exceptions.NoSuchKey:
             return None
         return json.loads(body)
@@ -161,8 +167,8 @@ def leftovers(e2e: E2E, stages: tuple[str, ...] = EPHEMERAL) -> dict[str, list]:
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             environ = proc.environ()
-            # This session's environments only (their processes inherit its AIRFLOW_HOME).
-            if "DEPLOYLINE_ENVIRONMENT" in environ and environ.get("AIRFLOW_HOME") == str(e2e.home) \
+            # This session's environments only (their processes inherit their host's work dir).
+            if "DEPLOYLINE_ENVIRONMENT" in environ and _work_dir_of(environ) == e2e.environments_dir.parent \
                     and found.get(environ["DEPLOYLINE_ENVIRONMENT"], environ.get("DEPLOYLINE_STAGE")) in stages:
                 processes.append((proc.pid, " ".join(proc.info["cmdline"] or [])))
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
@@ -175,9 +181,15 @@ def leftovers(e2e: E2E, stages: tuple[str, ...] = EPHEMERAL) -> dict[str, list]:
     }
 
 
+def _work_dir_of(environ: dict) -> Path | None:
+    if environ.get("DEPLOYLINE_WORK_DIR"):
+        return Path(environ["DEPLOYLINE_WORK_DIR"])
+    return Path(environ["AIRFLOW_HOME"]) / "deployline" if environ.get("AIRFLOW_HOME") else None
+
+
 def environments(e2e: E2E) -> dict[str, dict]:
     """Every environment folder of this session (routers too): name -> its state."""
-    envs_dir = e2e.home / "deployline" / "environments"
+    envs_dir = e2e.environments_dir
     found = {}
     for state in sorted(envs_dir.glob("*/state.json")) if envs_dir.exists() else []:
         try:

@@ -102,16 +102,22 @@ def test_commit_stage_faults_fail_cleanly_and_a_killed_worker_is_retried(e2e):
     build = (e2e.clone / "build.py").read_text()
     app = (e2e.clone / "src/sample_service/app.py").read_text()
     test = "tests/unit/test_regression.py"
+    marker = str(e2e.home / f"slow-build-started-{time.time_ns()}")
     script = 'if __name__ == "__main__":\n'  # only a real build runs it, not the unit tests
 
     def build_with(code: str) -> str:
         """build.py running ``code`` when run as the build, still clean for static analysis."""
-        assert script in build and "import tarfile\n" in build
+        assert script in build and "import tarfile\n" in build and "import os\n" in build
         with_time = build.replace("import tarfile\n", "import tarfile\nimport time\n", 1)
         return with_time.replace(script, f"{script}    {code}\n", 1)
 
     faults = {
-        "slow_build": commit_locally(e2e, {"build.py": build_with("time.sleep(12)")}, "Slow build"),
+        # Slow on its first try only, and long enough that the killed try's build still runs when
+        # the retry starts, however busy the machine (the marker is outside the workspace, which
+        # each try restores afresh).
+        "slow_build": commit_locally(e2e, {"build.py": build_with(
+            f"first_try = not os.path.exists({marker!r})\n    open({marker!r}, 'w').close()\n"
+            "    time.sleep(180 if first_try else 0)")}, "Slow build"),
         "build": commit_locally(
             e2e, {"build.py": build_with('raise SystemExit(f"build broken on purpose at {time.time()}")')},
             "Break the build"),
@@ -137,7 +143,7 @@ def test_commit_stage_faults_fail_cleanly_and_a_killed_worker_is_retried(e2e):
         return "$ python build.py" in json.dumps(e2e.api.get(f"{build_ti}/logs/1", full_content="true"))
 
     embedded.wait_until(command_running, 240, "the slow build's command to run", interval=0.5)
-    time.sleep(2)  # well inside its 12 s
+    time.sleep(2)  # well inside its 180 s
     os.kill(e2e.api.get(build_ti)["pid"], signal.SIGKILL)
 
     done = {name: e2e.api.wait_for_run(pipeline, run_id, timeout=400) for name, run_id in runs.items()

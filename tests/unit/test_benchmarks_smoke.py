@@ -103,3 +103,18 @@ def test_make_bench_keeps_going_past_a_failed_benchmark_and_keeps_every_result(t
     assert run.main(["pretty"]) == 0
     assert json.loads(run.OUT.read_text()) == {"pretty": {"a": 1}, "crash": results["crash"], "fine": {"b": 2}}
     assert run.main(["nope"]) == 2
+
+
+def test_the_burst_benchmark_writes_valid_pipelines_with_repositories_of_their_own(tmp_path):
+    from deployline.config import load_pipeline_config
+
+    burst = load("burst")
+    folder, repos = burst.write_pipelines(tmp_path, 3)
+    configs = [load_pipeline_config(path) for path in sorted(folder.glob("*.yaml"))]
+    assert [c.application for c in configs] == ["burst_01", "burst_02", "burst_03"]
+    assert {c.repository.url for c in configs} == {str(bare) for bare, _ in repos.values()}
+    shas = burst.push_all_at_once(repos)
+    for app, (bare, _) in repos.items():  # each pushed commit is the head of its own repository
+        from deployline import embedded
+
+        assert embedded.git("rev-parse", "refs/heads/main", cwd=bare) == shas[app]

@@ -22,6 +22,7 @@ AIRFLOW_SERVICES = [
     "airflow-scheduler",
     "airflow-dag-processor",
     "airflow-worker",
+    "airflow-environments-worker",
     "airflow-triggerer",
 ]
 REQUIRED_SERVICES = ["postgres", "redis", "moto", "airflow-init", *AIRFLOW_SERVICES]
@@ -52,10 +53,16 @@ def _interpolate(value: str) -> str:
 
 
 def _env(service: dict) -> dict[str, str]:
+    """The service's environment as Compose builds it: its env_file(s), then ``environment``."""
+    from deployline.embedded_cluster import shared_settings
+
+    merged = {}
+    for env_file in service.get("env_file") or []:
+        merged |= shared_settings(ROOT / env_file)
     env = service.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
-    return {key: _interpolate(str(value)) for key, value in env.items()}
+    return merged | {key: _interpolate(str(value)) for key, value in env.items()}
 
 
 def _mounts(service: dict) -> dict[str, tuple[str, str]]:
@@ -130,7 +137,7 @@ def test_compose_runs_the_celery_executor_against_postgres_redis_and_the_api_ser
         assert env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"].lower() == "false", name
         # one JWT secret for all components, or task tokens fail between them
         assert env["AIRFLOW__API_AUTH__JWT_SECRET"], name
-    assert services["airflow-worker"]["command"] == "celery worker"
+    assert services["airflow-worker"]["command"].startswith("celery worker")
     assert "container_name" not in services["airflow-worker"], "a named container cannot be scaled"
     assert not services["airflow-worker"].get("ports"), "a published port cannot be scaled"
 
@@ -164,10 +171,25 @@ def test_compose_sets_the_deployline_variables(services):
         assert env["DEPLOYLINE_PIPELINES_DIR"].startswith(PROJECT_MOUNTS["include"] + "/"), name
     env = _env(services["airflow-worker"])
     assert env["DEPLOYLINE_WORK_DIR"] == "/opt/airflow/deployline"
-    assert env["DEPLOYLINE_DEMO_REPO"].startswith(env["DEPLOYLINE_WORK_DIR"] + "/")
     pipelines = ROOT / "include" / Path(env["DEPLOYLINE_PIPELINES_DIR"]).relative_to(PROJECT_MOUNTS["include"])
     assert pipelines.is_dir() and list(pipelines.glob("*.yaml")), pipelines
-    assert env["DEPLOYLINE_WORK_DIR"] in mounts
+    assert str(Path(env["DEPLOYLINE_DEMO_REPO"]).parent) in mounts
+
+
+def test_compose_and_helm_use_the_shared_airflow_settings(services, helm_values):
+    """deploy/airflow.env is the one source: Compose reads it, Helm repeats it, the Celery cluster of
+    make test-distributed starts with it (deployline.embedded_cluster)."""
+    from deployline.embedded_cluster import SETTINGS_FILE, shared_settings
+
+    shared = shared_settings()
+    assert shared and all(key.startswith("AIRFLOW__") for key in shared)
+    for name in AIRFLOW_SERVICES:
+        assert services[name]["env_file"] == [str(SETTINGS_FILE.relative_to(ROOT))], name
+        env = services[name].get("environment") or {}
+        assert not set(shared) & set(env), f"{name} overrides {set(shared) & set(env)}: change deploy/airflow.env"
+    helm = {item["name"]: item["value"] for item in helm_values["env"] if "value" in item}
+    missing = {k: v for k, v in shared.items() if helm.get(k) != v}
+    assert not missing, f"deploy/helm/values.yaml env lacks or differs from deploy/airflow.env: {missing}"
 
 
 def test_compose_long_running_services_have_healthchecks(services):
@@ -194,13 +216,19 @@ def test_compose_mounts_project_folders_that_exist(services):
         assert init[PROJECT_MOUNTS[folder]][0] == f"./{folder}"
 
 
-def test_compose_workers_share_one_named_volume_for_the_work_dir(compose, services):
+def test_compose_workers_share_nothing_but_git_and_the_environments_host_keeps_its_state(compose, services):
+    # Any task on any worker: no work folder shared between workers (issue 16).
     work_dir = _env(services["airflow-worker"])["DEPLOYLINE_WORK_DIR"]
-    source, mode = _mounts(services["airflow-worker"])[work_dir]
-    assert not source.startswith((".", "/")), "a named volume, shared by every worker replica"
-    assert mode == "rw"
-    assert source in compose["volumes"]
-    assert _mounts(services["airflow-init"])[work_dir][0] == source, "airflow-init seeds the same volume"
+    assert work_dir not in _mounts(services["airflow-worker"]), "a scalable worker's work dir is its own"
+    repo = Path(_env(services["airflow-worker"])["DEPLOYLINE_DEMO_REPO"]).parent
+    source, mode = _mounts(services["airflow-worker"])[str(repo)]
+    assert source in compose["volumes"] and mode == "ro", "the demo repository stands in for a git server"
+    assert _mounts(services["airflow-init"])[str(repo)][0] == source, "airflow-init seeds it"
+    host = services["airflow-environments-worker"]
+    assert host["command"].split("--queues ")[1].split(",")[0] == "deployline_local_environments"
+    assert "default" in services["airflow-worker"]["command"]
+    state, mode = _mounts(host)[work_dir]
+    assert state in compose["volumes"] and mode == "rw", "the local environments' state outlives a restart"
 
 
 def test_compose_builds_the_deployline_image_from_the_dockerfile(services, pins):
@@ -304,7 +332,7 @@ def test_helm_values_run_the_deployline_image_with_the_kubernetes_executor(helm_
     assert helm_values["dags"]["gitSync"]["enabled"] is False, "the DAGs are baked into the image"
 
 
-def test_helm_values_take_connections_from_secrets_and_share_the_work_dir(helm_values):
+def test_helm_values_take_connections_from_secrets_and_share_no_work_dir(helm_values):
     secrets = {entry["envName"]: entry for entry in helm_values["secret"]}
     for conn in ("AIRFLOW_CONN_AWS_DEFAULT", "AIRFLOW_CONN_DEPLOYLINE_API"):
         assert secrets[conn]["secretName"] and secrets[conn]["secretKey"], conn
@@ -313,11 +341,9 @@ def test_helm_values_take_connections_from_secrets_and_share_the_work_dir(helm_v
     assert not plaintext, f"credentials in plain values: {plaintext}"
     assert env["DEPLOYLINE_WORK_DIR"] and env["DEPLOYLINE_PIPELINES_DIR"] and env["DEPLOYLINE_ARTIFACT_BUCKET"]
 
+    # Task pods share no volume: any task runs in any pod (workspaces in S3, issue 16).
     workers = helm_values["workers"]
-    volumes = {volume["name"]: volume for volume in workers["extraVolumes"]}
-    mounts = {mount["mountPath"]: mount["name"] for mount in workers["extraVolumeMounts"]}
-    work_volume = volumes[mounts[env["DEPLOYLINE_WORK_DIR"]]]
-    assert work_volume["persistentVolumeClaim"]["claimName"]
+    assert not workers.get("extraVolumes") and not workers.get("extraVolumeMounts")
     all_mounts = {mount["mountPath"] for mount in helm_values["volumeMounts"]}
     assert env["DEPLOYLINE_PIPELINES_DIR"] in all_mounts
     assert helm_values["postgresql"]["enabled"] is False and helm_values["data"]["metadataSecretName"]

@@ -127,3 +127,20 @@ def test_the_callers_own_database_is_used_and_sqlite_only_that_way(tmp_path, mon
     assert "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS" not in env  # SQLite's timeout means nothing to psycopg2
     with pytest.raises(embedded.StackError, match="no metadata database"):
         embedded.start_airflow(stack, {"AIRFLOW__API__PORT": str(embedded.free_port())}, tmp_path / "logs")
+
+
+def test_a_component_that_exits_while_starting_fails_the_start_at_once(tmp_path):
+    stack = embedded.Stack()
+    try:
+        stack.start("api-server", crasher(2), dict(os.environ), tmp_path / "api-server.log")
+        started = time.monotonic()
+
+        def healthy():
+            stack.check_alive()
+            return False
+
+        with pytest.raises(embedded.StackError, match="api-server .* exited with code 2"):
+            embedded.wait_until(healthy, 120, "the API server", interval=0.1)
+        assert time.monotonic() - started < 60
+    finally:
+        stack.stop(grace=5)
