@@ -17,6 +17,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT / "plugins"))
 SERVICE = ROOT / "include" / "sample-service"
 BUCKET = "deployline-bench"
 
-from deployline import artifacts  # noqa: E402
+from deployline import artifacts, embedded  # noqa: E402
 from deployline.config import LoadProfile, Production, Thresholds  # noqa: E402
 from deployline.deployments import blue_green  # noqa: E402
 from deployline.environments.base import EnvironmentSpec, environment_name  # noqa: E402
@@ -85,7 +86,7 @@ def hello_server(port: int) -> None:
 
 def generator_ceiling(work: Path, users: int, seconds: int) -> dict:
     """Locust (FastHttpUser, no wait) against a trivial server: requests/s and Locust's CPU."""
-    port = 18700 + os.getpid() % 200
+    port = embedded.free_port()
     server = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r});"
                                f"import capacity_and_switch as b; b.hello_server({port})"])
     (work / "hello_locustfile.py").write_text(textwrap.dedent("""\
@@ -116,7 +117,10 @@ def generator_ceiling(work: Path, users: int, seconds: int) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        time.sleep(0.5)
+        # Up when it answers, however busy the machine (a fixed 0.5 s was not always enough: the
+        # first requests failed, or none were made).
+        embedded.wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200,
+                            60, "the trivial server")
         profile = LoadProfile(users=users, spawn_rate=users, duration_seconds=seconds, thresholds=NO_LIMITS)
         result = run_load_test("ceiling", profile, "hello_locustfile.py", f"http://127.0.0.1:{port}", work,
                                work / "ceiling")

@@ -18,6 +18,7 @@ from deployline.image_readiness import AmiAvailableSensor
 from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
 from deployline.sources import GitSource
+from deployline.ssm_commands import ProvisionInstanceOperator
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ the artifact (built by this run, else the last published one). `provision_enviro
 environment's URL (output in the log); `teardown_environment` removes the environment on
 every path. Then the application image: `launch_image_builder` (setup) starts an instance
 from the base image, `install_artifact` installs the artifact (sha256 checked) with the
-provisioning script, `create_application_image` and the deferrable
+provisioning script through SSM Run Command (waiting in the triggerer), `create_application_image` and the deferrable
 `wait_for_application_image` make the AMI `<app>-<version>`, and `terminate_image_builder`
 (teardown) removes the instance. `record_candidate` writes the release candidate to the
 registry.
@@ -121,15 +122,11 @@ def acceptance_stage(config: PipelineConfig, commit) -> TaskGroup:
                 instance_profile=config.baking.instance_profile, tags=image_tags(config, commit, "builder"),
             )
 
-        @task(task_id="install_artifact", retries=1)
-        def install_artifact(instance_id: str, inputs: dict, commit: dict) -> None:
+        def installation_script(inputs: dict, commit: dict) -> tuple[str, str]:
             script = GitSource.from_repository(config.repository).read_file(
                 commit["sha"], config.baking.provision_script)
-            result = images.run_provisioning(
-                aws.ssm(config), instance_id, install_script(commit["version"], inputs["artifact"], script),
-                config.baking.provision_timeout, comment=f"{config.application} {commit['version']} install",
-            )
-            log.info("install %s: %s\n%s", result["command_id"], result["status"], result["output"])
+            return (install_script(commit["version"], inputs["artifact"], script),
+                    f"{config.application} {commit['version']} install")
 
         @task(task_id="create_application_image", retries=2)
         def create_application_image(instance_id: str, inputs: dict, commit: dict) -> str:
@@ -176,6 +173,13 @@ def acceptance_stage(config: PipelineConfig, commit) -> TaskGroup:
             region_name=config.aws.region, deferrable=True, poke_interval=15, timeout=config.baking.image_timeout,
         )
         recorded = record_candidate(image, inputs, commit, tested)
-        chain(tested, builder, install_artifact(builder, inputs, commit), image, ready, recorded)
+        installed = ProvisionInstanceOperator(
+            task_id="install_artifact", instance_id=builder, script=installation_script,
+            op_kwargs={"inputs": inputs, "commit": commit}, timeout=config.baking.provision_timeout,
+            aws_conn_id=config.aws.conn_id, region_name=config.aws.region, deferrable=True, poll_interval=15,
+            retries=1, doc_md="The artifact (sha256 checked) installed on the image builder with the provisioning "
+            "script, through SSM Run Command.",
+        )
+        chain(tested, builder, installed, image, ready, recorded)
         recorded >> terminate_image_builder(commit).as_teardown(setups=builder)
     return group

@@ -12,6 +12,7 @@ from deployline.image_readiness import AmiAvailableSensor
 from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
 from deployline.sources import GitSource
+from deployline.ssm_commands import ProvisionInstanceOperator
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,8 @@ release). `resolve_base_image` turns the configured base image (an AMI id or
 `resolve:ssm:<parameter>`) into an AMI; `launch_builder` (a setup task) starts a builder
 instance from it (IMDSv2 required, tagged `deployline:builder`); `provision_builder`
 runs the repository's provisioning script *at this commit* on it through SSM Run
-Command (output in the log); `create_base_image` makes the AMI
+Command, waiting in the triggerer (no worker slot), and fails at once with the command's
+status, exit code and stderr tail (output in the log); `create_base_image` makes the AMI
 `<app>-base-<version>`, tagged with the application, version and commit;
 `wait_for_base_image` is a deferrable sensor that waits for `available` without holding
 a worker slot and fails at once on `failed`, `invalid` or `deregistered`;
@@ -74,14 +76,9 @@ def baking_stage(config: PipelineConfig, commit) -> TaskGroup:
             log.info("builder instance %s from %s", instance_id, source_image)
             return instance_id
 
-        @task(task_id="provision_builder", retries=1)
-        def provision_builder(instance_id: str, commit: dict) -> None:
+        def provisioning_script(commit: dict) -> tuple[str, str]:
             script = GitSource.from_repository(config.repository).read_file(commit["sha"], baking.provision_script)
-            result = images.run_provisioning(
-                aws.ssm(config), instance_id, script, baking.provision_timeout,
-                comment=f"{config.application} {commit['version']} base image",
-            )
-            log.info("provisioning %s: %s\n%s", result["command_id"], result["status"], result["output"])
+            return script, f"{config.application} {commit['version']} base image"
 
         @task(task_id="create_base_image", retries=2)
         def create_base_image(instance_id: str, source_image: str, commit: dict) -> str:
@@ -121,6 +118,12 @@ def baking_stage(config: PipelineConfig, commit) -> TaskGroup:
             timeout=baking.image_timeout,
         )
         recorded = record_base_image(image, source, commit)
-        chain(builder, provision_builder(builder, commit), image, ready, recorded)
+        provisioned = ProvisionInstanceOperator(
+            task_id="provision_builder", instance_id=builder, script=provisioning_script, op_kwargs={"commit": commit},
+            timeout=baking.provision_timeout, aws_conn_id=config.aws.conn_id, region_name=config.aws.region,
+            deferrable=True, poll_interval=15, retries=1,
+            doc_md="The repository's provisioning script at this commit, run on the builder with SSM Run Command.",
+        )
+        chain(builder, provisioned, image, ready, recorded)
         recorded >> terminate_builder(commit).as_teardown(setups=builder)
     return group

@@ -244,7 +244,7 @@ def _tail(text: str | None, limit: int = _OUTPUT_TAIL) -> str:
     return text if len(text) <= limit else "..." + text[-limit:]
 
 
-def run_provisioning(
+def send_provisioning(
     ssm_client,
     instance_id: str,
     script: str,
@@ -253,12 +253,11 @@ def run_provisioning(
     *,
     poll_interval: float = 5.0,
     delivery_timeout: int = 600,
-) -> dict:
-    """Run ``script`` on the builder with SSM ``AWS-RunShellScript`` and wait for the result.
+) -> str:
+    """Send ``script`` to the builder with SSM ``AWS-RunShellScript``; returns the command id.
 
-    Returns ``{"command_id", "status", "output"}`` on success.  Any other terminal status
-    raises :class:`ImageError` with the status and the tail of stderr (or stdout).
-    A builder whose SSM agent has not registered yet is retried for ``delivery_timeout`` seconds.
+    A builder whose SSM agent has not registered yet is retried for ``delivery_timeout`` seconds
+    (the agent registers a little after the instance is running).
     """
     token = hashlib.sha256(f"{instance_id}\0{script}".encode()).hexdigest()[:12]
     request = {
@@ -274,42 +273,81 @@ def run_provisioning(
             command_id = ssm_client.send_command(**request)["Command"]["CommandId"]
             break
         except ClientError as exc:
-            # The agent registers with SSM a little after the instance is running.
             if _error_code(exc) != "InvalidInstanceId" or time.monotonic() > delivery_deadline:
                 raise ImageError(f"provisioning {instance_id}: send_command failed: {exc}") from exc
             log.info("SSM agent on %s not registered yet; retrying", instance_id)
             time.sleep(poll_interval)
     log.info("provisioning %s: SSM command %s", instance_id, command_id)
+    return command_id
 
-    deadline = time.monotonic() + timeout + delivery_timeout
-    while True:
+
+def command_invocation(ssm_client, command_id: str, instance_id: str) -> dict:
+    """GetCommandInvocation; ``{"Status": "Pending"}`` while SSM does not know the invocation yet."""
+    try:
+        return ssm_client.get_command_invocation(CommandId=command_id, InstanceId=instance_id)
+    except ClientError as exc:
+        # Right after send_command the invocation may not exist yet.
+        if _error_code(exc) != "InvocationDoesNotExist":
+            raise ImageError(f"provisioning {instance_id}: command {command_id}: {exc}") from exc
+        return {"Status": "Pending"}
+
+
+def invocation_failure(instance_id: str, command_id: str, invocation: dict) -> str:
+    """Why a finished invocation failed: its status, details, exit code and the tail of stderr (or stdout)."""
+    status = invocation.get("Status", "")
+    details = invocation.get("StatusDetails") or status
+    code = invocation.get("ResponseCode")
+    tail = _tail(invocation.get("StandardErrorContent")) or _tail(invocation.get("StandardOutputContent")) \
+        or "(no output)"
+    return f"provisioning {instance_id}: command {command_id} ended {status} ({details}, exit code {code}): {tail}"
+
+
+def provisioning_result(ssm_client, command_id: str, instance_id: str, waited: float | None = None,
+                        invocation: dict | None = None) -> dict:
+    """``{"command_id", "status", "output"}`` of a finished command; :class:`ImageError` for any other status.
+
+    A command still in progress (``waited`` seconds after it was sent: the wait gave up) is cancelled.
+    ``invocation``: its GetCommandInvocation answer when the caller has it (else it is asked for).
+    """
+    invocation = invocation or command_invocation(ssm_client, command_id, instance_id)
+    status = invocation.get("Status", "")
+    if status in SSM_IN_PROGRESS:
         try:
-            invocation = ssm_client.get_command_invocation(CommandId=command_id, InstanceId=instance_id)
-        except ClientError as exc:
-            # Right after send_command the invocation may not exist yet.
-            if _error_code(exc) != "InvocationDoesNotExist":
-                raise ImageError(f"provisioning {instance_id}: command {command_id}: {exc}") from exc
-            invocation = {"Status": "Pending"}
-        status = invocation.get("Status", "")
-        if status not in SSM_IN_PROGRESS:
-            break
-        if time.monotonic() > deadline:
-            try:
-                ssm_client.cancel_command(CommandId=command_id, InstanceIds=[instance_id])
-            except Exception:  # best effort: the command is given up on either way
-                log.warning("could not cancel SSM command %s", command_id, exc_info=True)
-            raise ImageError(f"provisioning {instance_id}: command {command_id} still {status} after {timeout}s")
-        time.sleep(poll_interval)
-
-    output = invocation.get("StandardOutputContent", "") or ""
+            ssm_client.cancel_command(CommandId=command_id, InstanceIds=[instance_id])
+        except Exception:  # best effort: the command is given up on either way
+            log.warning("could not cancel SSM command %s", command_id, exc_info=True)
+        after = f" after {waited:g}s" if waited is not None else ""
+        raise ImageError(f"provisioning {instance_id}: command {command_id} still {status}{after}")
     if status != SSM_SUCCESS:
-        details = invocation.get("StatusDetails") or status
-        code = invocation.get("ResponseCode")
-        tail = _tail(invocation.get("StandardErrorContent")) or _tail(output) or "(no output)"
-        raise ImageError(
-            f"provisioning {instance_id}: command {command_id} ended {status} ({details}, exit code {code}): {tail}"
-        )
-    return {"command_id": command_id, "status": status, "output": output}
+        raise ImageError(invocation_failure(instance_id, command_id, invocation))
+    return {"command_id": command_id, "status": status, "output": invocation.get("StandardOutputContent", "") or ""}
+
+
+def run_provisioning(
+    ssm_client,
+    instance_id: str,
+    script: str,
+    timeout: int,
+    comment: str = "",
+    *,
+    poll_interval: float = 5.0,
+    delivery_timeout: int = 600,
+) -> dict:
+    """Run ``script`` on the builder with SSM ``AWS-RunShellScript`` and wait here for the result.
+
+    Returns ``{"command_id", "status", "output"}`` on success.  Any other terminal status
+    raises :class:`ImageError` with the status and the tail of stderr (or stdout).
+    A builder whose SSM agent has not registered yet is retried for ``delivery_timeout`` seconds.
+    (The pipeline's tasks wait in the triggerer instead: ``ssm_commands.ProvisionInstanceOperator``.)
+    """
+    command_id = send_provisioning(ssm_client, instance_id, script, timeout, comment, poll_interval=poll_interval,
+                                   delivery_timeout=delivery_timeout)
+    deadline = time.monotonic() + timeout + delivery_timeout
+    while (invocation := command_invocation(ssm_client, command_id, instance_id)).get("Status") in SSM_IN_PROGRESS:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(poll_interval)
+    return provisioning_result(ssm_client, command_id, instance_id, waited=timeout, invocation=invocation)
 
 
 # --------------------------------------------------------------------------- images

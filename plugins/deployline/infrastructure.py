@@ -50,7 +50,8 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from deployline.config import PROJECT_ROOT, PipelineConfigError, ServiceRoleArn, _Strict, expand_vars
 from deployline.config import _describe as _describe_error
-from deployline.environments.cloudformation import describe_stack, role_argument
+from deployline.environments.base import StackOperation
+from deployline.environments.cloudformation import describe_stack, failure_reasons, role_argument
 from deployline.infrastructure_components import COMPONENTS
 
 DEPENDENCIES: dict[str, tuple[str, ...]] = {"ci_environment": ("network",)}
@@ -361,20 +362,63 @@ def _dependency_order() -> list[str]:
 def launch(clients: Clients, config: InfrastructureConfig, components: str | Iterable[str] = "all") -> list[
         ComponentResult]:
     """Create or update the components' stacks (dependencies first) and publish their outputs in SSM."""
-    names = resolve_components(components)
-    for name in names:  # what the config must say, before anything changes
-        if name == "ci_environment" and not config.ci.repository_url.strip():
-            raise InfrastructureError(
-                f"ci_environment: ci.repository_url is empty in {config.source_file or 'the infrastructure config'}; "
-                "set it (or DEPLOYLINE_CI_REPOSITORY_URL) to the git URL of this project")
-    results: list[ComponentResult] = []
+    return _run(clients, launch_step, config, components)
+
+
+def new_state() -> dict:
+    """Where a launch or destroy is (JSON: a deferred task carries it from one wait to the next)."""
+    return {"started": False, "done": [], "current": None}
+
+
+def results(state: dict) -> list[ComponentResult]:
+    return [ComponentResult(**done) for done in state["done"]]
+
+
+def _run(clients: Clients, step, config: InfrastructureConfig, components, **options) -> list[ComponentResult]:
+    """Blocking: ``step`` until it is done, waiting here for each stack it starts."""
+    state = new_state()
     try:
-        for name in names:
-            results.append(_launch_one(clients, config, name, _stack_parameters(clients, config, name)))
+        while (pending := step(clients, config, components, state, **options)) is not None:
+            _settle(clients, pending.stack)
     except InfrastructureError as exc:
-        exc.done = results  # what was launched before it failed
+        exc.done = results(state)  # what was finished before it failed
         raise
-    return results
+    return results(state)
+
+
+def launch_step(clients: Clients, config: InfrastructureConfig, components: str | Iterable[str], state: dict) -> (
+        StackOperation | None):
+    """One step of :func:`launch`: finish what the last step started, start the next stack operation and return
+    it (what to wait for before the next step), or None when every component is done. ``state``: new_state(),
+    then as the previous step left it. Raises InfrastructureError (``state["done"]``: the finished ones)."""
+    names = resolve_components(components)
+    if not state["started"]:
+        for name in names:  # what the config must say, before anything changes
+            if name == "ci_environment" and not config.ci.repository_url.strip():
+                where = config.source_file or "the infrastructure config"
+                raise InfrastructureError(
+                    f"ci_environment: ci.repository_url is empty in {where}; "
+                    "set it (or DEPLOYLINE_CI_REPOSITORY_URL) to the git URL of this project")
+        state["started"] = True
+    finished = {done["component"] for done in state["done"]}
+    for name in (n for n in names if n not in finished):
+        current = state["current"] or {"component": name, "then": "start", "notes": []}
+        state["current"] = current
+        if current["then"] in ("created", "updated"):  # the create or update we waited for has ended
+            stack = _expect(clients, config.stack_name(name), _ENDS[current["then"]],
+                            f"{name}: {current['then'][:-1]} of stack {config.stack_name(name)}")
+            result = _finish_launch(clients, config, name, current["then"], stack, current["notes"])
+        else:
+            pending = _begin_launch(clients, config, name, current)
+            if isinstance(pending, StackOperation):
+                return pending
+            result = pending
+        state["done"].append(result.to_dict())
+        state["current"] = None
+    return None
+
+
+_ENDS = {"created": "CREATE_COMPLETE", "updated": "UPDATE_COMPLETE"}
 
 
 def _stack_parameters(clients: Clients, config: InfrastructureConfig, component: str) -> dict[str, str]:
@@ -437,15 +481,62 @@ def _image_id(clients: Clients, image: str) -> str:
         raise InfrastructureError(f"ci_environment: ci.image_id: cannot resolve SSM parameter {name}: {exc}") from exc
 
 
-def _launch_one(clients: Clients, config: InfrastructureConfig, component: str, parameters: dict[str, str]) -> (
-        ComponentResult):
+def _begin_launch(clients: Clients, config: InfrastructureConfig, component: str, current: dict) -> (
+        StackOperation | ComponentResult):
+    """Start what the component's stack needs (``current["then"]``: what it will have been) and return the
+    operation to wait for, or the component's result when nothing is to be done."""
+    name = config.stack_name(component)
+    stack = _describe(clients, name)
+    status = stack["StackStatus"] if stack else None
+    if stack is not None and _in_progress(status):
+        current["then"] = "start"  # someone else's operation: look again once it has ended
+        return StackOperation(name, "settle")
+    if status == "ROLLBACK_COMPLETE":
+        # Its first create failed: such a stack can only be deleted, then created afresh.
+        current["notes"].append("replaced a stack whose first create had failed (ROLLBACK_COMPLETE)")
+        try:
+            clients.cfn.delete_stack(StackName=name, **role_argument(config.service_role_arn))
+        except ClientError as exc:
+            raise InfrastructureError(f"delete of stack {name} failed: {_message(exc)}") from exc
+        current["then"], current["replacing"] = "start", True
+        return StackOperation(name, "delete")
+    if current.get("replacing") and stack is not None:  # the replacement's delete has ended, not deleted
+        reasons = _failure_reasons(clients, name)
+        raise InfrastructureError(f"delete of stack {name} ended {status}" + (f": {reasons}" if reasons else ""))
+
+    request = _stack_request(clients, config, component)
+    if stack is None:
+        try:
+            clients.cfn.create_stack(**request)
+        except ClientError as exc:
+            raise InfrastructureError(f"{component}: create of stack {name} failed: {_message(exc)}") from exc
+        current["then"] = "created"
+        return StackOperation(name, "create")
+    if status in _READY and _as_deployed(clients, stack, request):
+        return _finish_launch(clients, config, component, "unchanged", stack, current["notes"])
+    if status in _READY:
+        try:
+            clients.cfn.update_stack(**request)
+        except ClientError as exc:
+            if "No updates are to be performed" not in str(exc):
+                raise InfrastructureError(f"{component}: update of stack {name} failed: {_message(exc)}") from exc
+            return _finish_launch(clients, config, component, "unchanged", stack, current["notes"])
+        current["then"] = "updated"
+        return StackOperation(name, "update")
+    raise InfrastructureError(
+        f"{component}: stack {name} is {status}; it cannot be updated from there: fix or delete it "
+        "in the CloudFormation console and launch again")
+
+
+def _stack_request(clients: Clients, config: InfrastructureConfig, component: str) -> dict:
     name = config.stack_name(component)
     try:
         template = config.template_path(component).read_text(encoding="utf-8")
     except OSError as exc:
         raise InfrastructureError(f"{component}: cannot read template {config.template_path(component)} "
                                   f"(template_dir {config.template_dir!r}): {exc.strerror}") from exc
-    request = {
+    parameters = _stack_parameters(clients, config, component)
+    return {
         "StackName": name,
         "TemplateBody": template,
         "Parameters": [{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
@@ -453,42 +544,14 @@ def _launch_one(clients: Clients, config: InfrastructureConfig, component: str, 
         "Capabilities": list(_SPECS[component].capabilities),
         **role_argument(config.service_role_arn),
     }
-    notes = []
-    stack = _settle(clients, name)
-    status = stack["StackStatus"] if stack else None
-    if status == "ROLLBACK_COMPLETE":
-        # Its first create failed: such a stack can only be deleted, then created afresh.
-        notes.append("replaced a stack whose first create had failed (ROLLBACK_COMPLETE)")
-        _delete_stack(clients, name, role_arn=config.service_role_arn)
-        stack = status = None
 
-    if stack is None:
-        try:
-            clients.cfn.create_stack(**request)
-        except ClientError as exc:
-            raise InfrastructureError(f"{component}: create of stack {name} failed: {_message(exc)}") from exc
-        stack = _expect(clients, name, "CREATE_COMPLETE", f"{component}: create of stack {name}")
-        action: Action = "created"
-    elif status in _READY and _as_deployed(clients, stack, request):
-        action = "unchanged"
-    elif status in _READY:
-        try:
-            clients.cfn.update_stack(**request)
-        except ClientError as exc:
-            if "No updates are to be performed" not in str(exc):
-                raise InfrastructureError(f"{component}: update of stack {name} failed: {_message(exc)}") from exc
-            action = "unchanged"
-        else:
-            stack = _expect(clients, name, "UPDATE_COMPLETE", f"{component}: update of stack {name}")
-            action = "updated"
-    else:
-        raise InfrastructureError(
-            f"{component}: stack {name} is {status}; it cannot be updated from there: fix or delete it "
-            "in the CloudFormation console and launch again")
 
+def _finish_launch(clients: Clients, config: InfrastructureConfig, component: str, action: Action, stack: dict,
+                   notes: list[str]) -> ComponentResult:
     outputs = _outputs(stack)
-    written, publish_notes = _publish(clients, config, component, name, outputs)
-    return ComponentResult(component, name, action, outputs, written, notes + publish_notes)
+    written, publish_notes = _publish(clients, config, component, config.stack_name(component), outputs)
+    return ComponentResult(component, config.stack_name(component), action, outputs, written,
+                           list(notes) + publish_notes)
 
 
 def _as_deployed(clients: Clients, stack: dict, request: dict) -> bool:
@@ -555,9 +618,56 @@ def destroy(clients: Clients, config: InfrastructureConfig, components: str | It
     Nothing is deleted when any check fails: the artifact store's bucket holds release
     records (unless ``force``), or the network would go while the CI environment stays in it.
     """
-    names = list(reversed(resolve_components(components)))
-    stacks = {name: _settle(clients, config.stack_name(name)) for name in names}
+    return _run(clients, destroy_step, config, components, force=force)
 
+
+def destroy_step(clients: Clients, config: InfrastructureConfig, components: str | Iterable[str], state: dict,
+                 force: bool = False) -> StackOperation | None:
+    """One step of :func:`destroy`, as :func:`launch_step` is of launch: the checks once every stack has
+    settled, then one delete after the other."""
+    names = list(reversed(resolve_components(components)))
+    if not state["started"]:
+        for name in names:
+            stack = _describe(clients, config.stack_name(name))
+            if stack is not None and _in_progress(stack["StackStatus"]):
+                return StackOperation(config.stack_name(name), "settle")
+        _check_destroy(clients, config, names, force)
+        state["started"] = True
+    finished = {done["component"] for done in state["done"]}
+    for name in (n for n in names if n not in finished):
+        stack_name = config.stack_name(name)
+        current = state["current"]
+        if current is None:
+            stack = _describe(clients, stack_name)
+            if stack is not None and _in_progress(stack["StackStatus"]):
+                return StackOperation(stack_name, "settle")
+            if stack is None:  # its SSM parameters, if any, are not ours to remove
+                state["done"].append(ComponentResult(name, stack_name, "absent").to_dict())
+                continue
+            current = state["current"] = {"component": name, "outputs": _outputs(stack), "notes": []}
+            if name == "artifact_store":
+                bucket = current["outputs"].get("BucketName") or config.artifact_store.bucket
+                removed = _empty_bucket(clients, bucket)
+                current["notes"].append(
+                    f"emptied bucket {bucket}: {removed} object version(s) and delete marker(s) removed")
+            try:
+                clients.cfn.delete_stack(StackName=stack_name, **role_argument(config.service_role_arn))
+            except ClientError as exc:
+                raise InfrastructureError(f"{name}: delete of stack {stack_name} failed: {_message(exc)}") from exc
+            return StackOperation(stack_name, "delete")
+        stack = _describe(clients, stack_name)  # the delete we waited for has ended
+        if stack is not None:
+            reasons = _failure_reasons(clients, stack_name)
+            raise InfrastructureError(f"{name}: delete of stack {stack_name} ended {stack['StackStatus']}"
+                                      + (f": {reasons}" if reasons else ""))
+        deleted = _delete_parameters(clients, list(config.parameter_names(name).values()))
+        state["done"].append(ComponentResult(name, stack_name, "deleted", current["outputs"], deleted,
+                                             current["notes"]).to_dict())
+        state["current"] = None
+    return None
+
+
+def _check_destroy(clients: Clients, config: InfrastructureConfig, names: list[str], force: bool) -> None:
     for name in names:
         dependents = [d for d, needs in DEPENDENCIES.items() if name in needs and d not in names]
         for dependent in dependents:
@@ -565,7 +675,7 @@ def destroy(clients: Clients, config: InfrastructureConfig, components: str | It
                 raise DestroyRefused(
                     f"{name}: {dependent} (stack {config.stack_name(dependent)}) still runs in it; "
                     f"destroy {dependent} first, or both together")
-    store = stacks.get("artifact_store")
+    store = _describe(clients, config.stack_name("artifact_store")) if "artifact_store" in names else None
     if store is not None:
         bucket = _outputs(store).get("BucketName") or config.artifact_store.bucket
         releases, example = _count_releases(clients, bucket)
@@ -574,30 +684,6 @@ def destroy(clients: Clients, config: InfrastructureConfig, components: str | It
                 f"artifact_store: bucket {bucket} holds {releases} release record(s) (objects under "
                 f"*/releases/, e.g. {example}): the pipelines' release registry. Nothing was destroyed; "
                 "pass --force (force=True) to delete them with the bucket")
-
-    results: list[ComponentResult] = []
-    try:
-        for name in names:
-            results.append(_destroy_one(clients, config, name, stacks[name]))
-    except InfrastructureError as exc:
-        exc.done = results  # what was destroyed before it failed
-        raise
-    return results
-
-
-def _destroy_one(clients: Clients, config: InfrastructureConfig, name: str, stack: dict | None) -> ComponentResult:
-    stack_name = config.stack_name(name)
-    if stack is None:
-        return ComponentResult(name, stack_name, "absent")  # its SSM parameters, if any, are not ours to remove
-    notes = []
-    outputs = _outputs(stack)
-    if name == "artifact_store":
-        bucket = outputs.get("BucketName") or config.artifact_store.bucket
-        removed = _empty_bucket(clients, bucket)
-        notes.append(f"emptied bucket {bucket}: {removed} object version(s) and delete marker(s) removed")
-    _delete_stack(clients, stack_name, name, config.service_role_arn)
-    deleted = _delete_parameters(clients, list(config.parameter_names(name).values()))
-    return ComponentResult(name, stack_name, "deleted", outputs, deleted, notes)
 
 
 def _count_releases(clients: Clients, bucket: str) -> tuple[int, str | None]:
@@ -711,28 +797,12 @@ def _expect(clients: Clients, name: str, wanted: str, what: str) -> dict:
     return stack
 
 
-def _delete_stack(clients: Clients, name: str, component: str | None = None, role_arn: str | None = None) -> None:
-    what = f"{component + ': ' if component else ''}delete of stack {name}"
-    try:
-        clients.cfn.delete_stack(StackName=name, **role_argument(role_arn))
-    except ClientError as exc:
-        raise InfrastructureError(f"{what} failed: {_message(exc)}") from exc
-    stack = _settle(clients, name)
-    if stack is not None:
-        reasons = _failure_reasons(clients, name)
-        raise InfrastructureError(f"{what} ended {stack['StackStatus']}" + (f": {reasons}" if reasons else ""))
-
-
 def _failure_reasons(clients: Clients, name: str) -> str:
     """The reasons CloudFormation gives in the stack's failed events (newest first)."""
     try:
-        events = clients.cfn.describe_stack_events(StackName=name)["StackEvents"]
+        return failure_reasons(clients.cfn.describe_stack_events(StackName=name)["StackEvents"])
     except ClientError:
         return ""
-    failed = [f"{e['LogicalResourceId']} ({e.get('ResourceType', '?')}) {e['ResourceStatus']}: "
-              f"{e.get('ResourceStatusReason', 'no reason given')}"
-              for e in events if e["ResourceStatus"].endswith("FAILED")]
-    return "; ".join(failed[:5])
 
 
 def _message(exc: ClientError) -> str:

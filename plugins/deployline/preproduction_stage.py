@@ -9,7 +9,7 @@ from airflow.sdk import TaskGroup, chain, get_current_context
 from deployline import aws
 from deployline.airflow_api import AirflowApiError, api_from_connection
 from deployline.config import PipelineConfig
-from deployline.environment_tasks import run_repository_test
+from deployline.environment_tasks import existing_environment, run_repository_test, stack_task
 from deployline.environments.base import EnvironmentSpec, environment_name
 from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
@@ -89,19 +89,24 @@ def preproduction_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
                             raise
                     log.info("created pool %s (1 slot)", pool)
 
-        @task(task_id="update_environment", pool=config.preproduction_pool, retries=1,
-              **config.environments.host_queue())
-        def update_environment(candidate: dict, commit: dict) -> str:
+        def start_update(candidate: dict, commit: dict):
             spec = EnvironmentSpec(
                 application=config.application, stage="preproduction", name=preproduction_name(config),
                 size=sizes.preproduction, version=commit["version"], artifact=candidate["artifact"],
                 image_id=candidate.get("application_image"), labels={"run_id": get_current_context()["run_id"]})
             driver = aws.environment_driver(config)
             before = driver.get(spec.name)
-            info = driver.update(spec)
-            driver.wait_until_healthy(spec.name, config.environments.health_path, config.environments.health_timeout)
-            log.info("pre-production %s: %s -> %s, %d at %s", info.name, before.version if before else "(new)",
-                     info.version, info.size, info.endpoint)
+            log.info("pre-production %s runs %s; wanted: %s at size %d", spec.name,
+                     before.version if before else "nothing yet", spec.version, spec.size)
+            return driver.start_update(spec)
+
+        def updated_endpoint(candidate: dict, commit: dict) -> str:
+            driver = aws.environment_driver(config)
+            name = preproduction_name(config)
+            existing_environment(driver, name)
+            # The load balancer's health checks: a short wait after the stack's, kept in the task.
+            info = driver.wait_until_healthy(name, config.environments.health_path, config.environments.health_timeout)
+            log.info("pre-production %s: %s, %d at %s", info.name, info.version, info.size, info.endpoint)
             return info.endpoint
 
         @task(task_id="smoke_test", pool=config.preproduction_pool, **config.environments.host_queue())
@@ -116,6 +121,11 @@ def preproduction_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
             return output
 
         ready = check_release_ready(commit)
-        endpoint = update_environment(candidate, commit)
+        endpoint = stack_task(
+            config, "update_environment", start_update, updated_endpoint,
+            "Brings the long-lived pre-production environment to this version at production size (new "
+            "instances up before old ones stop); the stack update is waited for in the triggerer, then health.",
+            op_kwargs={"candidate": candidate, "commit": commit}, pool=config.preproduction_pool, retries=1,
+            **config.environments.host_queue())
         chain(ready, ensure_pools(), endpoint, smoke_test(endpoint, candidate, commit))
     return group

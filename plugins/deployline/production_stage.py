@@ -12,8 +12,8 @@ from deployline import aws, notifications
 from deployline.approvals import approval_tasks
 from deployline.config import PipelineConfig
 from deployline.deployments import Deployed, RolledBack, blue_green, remove_idle, superseded_by
-from deployline.environment_tasks import run_repository_test
-from deployline.environments.base import EnvironmentSpec, environment_name
+from deployline.environment_tasks import run_repository_test, stack_task
+from deployline.environments.base import EnvironmentFailed, EnvironmentSpec, environment_name
 from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
 
@@ -128,10 +128,14 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
                      deployed.switch_seconds, deployed.previous_version)
             return details
 
-        @task(task_id="ensure_production_address", pool=config.production_pool, retries=2,
-              **config.environments.host_queue())
-        def ensure_production_address() -> dict:
-            router = aws.environment_driver(config).ensure_router(config.application)
+        def start_router():
+            return aws.environment_driver(config).start_ensure_router(config.application)
+
+        def production_address() -> dict:
+            router = aws.environment_driver(config).router(config.application)
+            if router is None:
+                raise EnvironmentFailed(f"the production address of {config.application} is gone after its stack "
+                                        "settled")
             log.info("production address of %s: %s (live: %s)", config.application, router.endpoint,
                      router.live or "nothing yet")
             return router.to_dict()
@@ -143,7 +147,10 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
             return removed
 
         # The address is the setup: the clean-up (teardown) runs even when the deploy fails or is killed.
-        address = ensure_production_address()
+        address = stack_task(
+            config, "ensure_production_address", start_router, production_address,
+            "The application's stable production address (router), created on first use; its stack is waited "
+            "for in the triggerer.", pool=config.production_pool, retries=2, **config.environments.host_queue())
         deployed = deploy(candidate, commit)
         chain(approved, address, deployed)
         deployed >> clean_up_environments().as_teardown(setups=address)

@@ -14,6 +14,7 @@ from airflow.sdk import DAG, Param, chain, get_current_context
 
 from deployline.dag_defaults import START_DATE, default_args, with_trigger_form
 from deployline.infrastructure_components import COMPONENTS
+from deployline.infrastructure_operator import SupportInfrastructureOperator
 from deployline.python_tasks import task
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,13 @@ CloudFormation stack per component, templates in `include/cloudformation/`, sett
 **Trigger** with `action` (`launch`, `destroy` or `status`) and `components`. Launch creates
 what is missing, updates a stack whose template or settings changed, changes nothing
 otherwise, and publishes every stack's outputs as SSM parameters (`/deployline/...`) where
-pipelines and environments find them. Destroy removes stacks and parameters in reverse
-order and **refuses** to remove an artifact bucket that still holds release records,
-unless `force` is set. The same operations without Airflow, for the first bootstrap:
-`python -m deployline infra up|down|status [components]`.
+pipelines and environments find them. `launch` and `destroy` go one stack after the
+other and wait for each in the triggerer (deferred: no worker slot while CloudFormation
+works); a failed stack fails the task at once with CloudFormation's reasons. Destroy
+removes stacks and parameters in reverse order and **refuses** to remove an artifact
+bucket that still holds release records, unless `force` is set. The same operations
+without Airflow, for the first bootstrap: `python -m deployline infra up|down|status
+[components]`.
 """
 
 
@@ -82,22 +86,6 @@ def build_support_infrastructure_dag() -> DAG:
         def choose_action(plan: dict) -> str:
             return {"launch": "launch", "destroy": "destroy", "status": "report_status"}[plan["action"]]
 
-        @task(task_id="launch")
-        def launch(plan: dict) -> list[dict]:
-            from deployline import infrastructure
-
-            config = infrastructure.load_infrastructure_config()
-            clients = infrastructure.clients_from_airflow(config)
-            return _reported(lambda: infrastructure.launch(clients, config, plan["components"]))
-
-        @task(task_id="destroy")
-        def destroy(plan: dict) -> list[dict]:
-            from deployline import infrastructure
-
-            config = infrastructure.load_infrastructure_config()
-            clients = infrastructure.clients_from_airflow(config)
-            return _reported(lambda: infrastructure.destroy(clients, config, plan["components"], force=plan["force"]))
-
         @task(task_id="report_status")
         def report_status(plan: dict) -> list[dict]:
             from deployline import infrastructure
@@ -109,20 +97,14 @@ def build_support_infrastructure_dag() -> DAG:
             return [item.to_dict() for item in found]
 
         planned = plan()
-        chain(planned, choose_action(planned), [launch(planned), destroy(planned), report_status(planned)])
+        launch = SupportInfrastructureOperator(
+            task_id="launch", action="launch", plan=planned,
+            doc_md="Creates or updates each component's stack, dependencies first, and publishes its outputs in "
+            "SSM; waits for every stack in the triggerer. Returns one result per component.")
+        destroy = SupportInfrastructureOperator(
+            task_id="destroy", action="destroy", plan=planned,
+            doc_md="Deletes each component's stack and SSM parameters, dependents first; waits for every delete in "
+            "the triggerer. Returns one result per component.")
+        chain(planned, choose_action(planned), [launch, destroy, report_status(planned)])
     return with_trigger_form(dag, form)
 
-
-def _reported(operation) -> list[dict]:
-    """Run ``operation``; one log line per component, also for those done before a failure."""
-    from deployline import infrastructure
-
-    try:
-        results = operation()
-    except infrastructure.InfrastructureError as exc:
-        for result in getattr(exc, "done", []):
-            log.info("%s", result.line())
-        raise
-    for result in results:
-        log.info("%s", result.line())
-    return [result.to_dict() for result in results]

@@ -243,6 +243,27 @@ def test_production_asks_then_deploys_in_a_one_slot_pool(parsed):
     assert set(clean_up["upstream"]) == {"8-production.deploy", "8-production.ensure_production_address"}
 
 
+# Every wait on AWS happens in the triggerer: these tasks defer while a stack or an SSM command is in progress.
+STACK_WAITS = ("3-acceptance.provision_environment", "3-acceptance.teardown_environment",
+               "6-capacity.provision_environment", "6-capacity.teardown_environment",
+               "7-pre-production.update_environment", "8-production.ensure_production_address")
+SSM_WAITS = ("1-baking.provision_builder", "3-acceptance.install_artifact")
+
+
+def test_waits_on_aws_hold_no_worker_slot(parsed):
+    tasks = parsed["dags"]["sample_service_pipeline"]["tasks"]
+    for name in STACK_WAITS:
+        assert tasks[name]["type"] == "StackOperator" and tasks[name]["deferrable"], name
+    for name in SSM_WAITS:
+        assert tasks[name]["type"] == "ProvisionInstanceOperator" and tasks[name]["deferrable"], name
+    assert tasks["1-baking.provision_builder"]["upstream"] == ["1-baking.launch_builder", "resolve_commit"]
+    assert set(tasks["3-acceptance.install_artifact"]["upstream"]) == {
+        "3-acceptance.launch_image_builder", "3-acceptance.select_inputs", "resolve_commit"}
+    assert tasks["3-acceptance.provision_environment"]["retries"] == 1
+    assert tasks["7-pre-production.update_environment"]["upstream"] == [
+        "3-acceptance.record_candidate", "7-pre-production.ensure_pools", "resolve_commit"]
+
+
 def test_support_infrastructure_dag(parsed):
     dag = parsed["dags"]["support_infrastructure"]
     assert dag["schedule"] is None and dag["doc_md"] and dag["max_active_runs"] == 1
@@ -251,6 +272,8 @@ def test_support_infrastructure_dag(parsed):
     assert tasks["choose_action"]["upstream"] == ["plan"]
     for name in ("launch", "destroy", "report_status"):
         assert tasks[name]["upstream"] == ["choose_action", "plan"]
+    for name in ("launch", "destroy"):  # one stack after the other, each waited for in the triggerer
+        assert tasks[name]["type"] == "SupportInfrastructureOperator" and tasks[name]["deferrable"]
 
 
 def test_delivery_metrics_dag_publishes_every_application_daily(parsed):

@@ -86,6 +86,9 @@ PROVIDER_CLASSES = {
     "CloudFormationHook": set(),
     "AwsBaseHook": set(),
     "AwsBaseWaiterTrigger": set(),
+    # The waiter loop AwsBaseWaiterTrigger.run uses; the waiter (and so its calls) is named by waiter_name=.
+    "async_wait": set(),
+    "WaiterMaxAttemptsError": set(),
     # SnsPublishOperator.execute -> SnsHook.publish_to_target -> sns.publish (approvals.py).
     "SnsPublishOperator": {("sns", "Publish")},
 }
@@ -436,9 +439,11 @@ class Collector:
         module = self.modules[function.module]
         if isinstance(expr, ast.Constant) and isinstance(expr.value, str):
             return {expr.value}
-        if isinstance(expr, ast.Tuple | ast.List):
-            values = [self.strings(function, e) for e in expr.elts]
+        if isinstance(expr, ast.Tuple | ast.List | ast.Dict):
+            values = [self.strings(function, e) for e in (expr.values if isinstance(expr, ast.Dict) else expr.elts)]
             return set().union(*values) if values and all(v is not None for v in values) else None
+        if isinstance(expr, ast.Subscript):  # NAMES[key]: any of the mapping's values
+            return self.strings(function, expr.value)
         if isinstance(expr, ast.Name):
             scope = function
             while scope is not None:
@@ -452,6 +457,11 @@ class Collector:
                 scope = scope.parent
             if expr.id in module.constants:
                 return self.strings(function, module.constants[expr.id])
+            if expr.id in module.names:  # a constant imported from another deployline module
+                source, _, name = module.names[expr.id].rpartition(".")
+                top = self.functions.get(f"{source}.<module>")
+                if top is not None and name in self.modules[source].constants:
+                    return self.strings(top, self.modules[source].constants[name])
         return None
 
     def kind(self, function: Function, env: dict, expr: ast.AST) -> object:

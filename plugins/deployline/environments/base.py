@@ -6,6 +6,7 @@ import hashlib
 import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 STAGES = ("acceptance", "capacity", "self_service", "preproduction", "production")
 LONG_LIVED = ("preproduction", "production")  # kept between runs; the others are torn down by their stage
@@ -24,6 +25,22 @@ def environment_name(application: str, stage: str, key: str) -> str:
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     base = re.sub(r"[^a-z0-9-]+", "-", f"{application}-{stage}".lower().replace("_", "-")).strip("-")
     return f"dl-{base[:100]}-{digest}"
+
+
+# What a task waits on after a driver started a stack operation (stack_readiness.StackSettledTrigger):
+# create, update or delete completing, or "settle": any operation in progress ending, however it ends.
+StackAction = Literal["create", "update", "delete", "settle"]
+
+
+@dataclass(frozen=True)
+class StackOperation:
+    """A CloudFormation stack operation a driver started and did not wait for."""
+
+    stack: str
+    operation: StackAction
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,32 @@ class EnvironmentDriver(ABC):
     @abstractmethod
     def remove_router(self, application: str) -> bool:
         """Remove the production address (not the environments); False when there was none."""
+
+    # ------------------------------------------------------------------ without waiting (deferrable tasks)
+    # Each starts what its blocking namesake does and returns the stack operation to wait for, or
+    # None when nothing is (left) to wait for. Call it again after the wait: it goes on from where
+    # the resources are, as every method here is idempotent, until it returns None. A driver that
+    # never waits on AWS (local) does the work at once and returns None.
+
+    def start_provision(self, spec: EnvironmentSpec) -> StackOperation | None:
+        self.provision(spec)
+        return None
+
+    def start_update(self, spec: EnvironmentSpec) -> StackOperation | None:
+        self.update(spec)
+        return None
+
+    def start_resize(self, name: str, size: int) -> StackOperation | None:
+        self.resize(name, size)
+        return None
+
+    def start_teardown(self, name: str) -> StackOperation | None:
+        self.teardown(name)
+        return None
+
+    def start_ensure_router(self, application: str) -> StackOperation | None:
+        self.ensure_router(application)
+        return None
 
     def endpoint(self, name: str) -> str:
         info = self.get(name)

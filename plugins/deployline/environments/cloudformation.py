@@ -20,11 +20,14 @@ and the pipeline role needs only ``iam:PassRole`` on it (``include/iam/README.md
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import re
 import time
 from pathlib import Path
 
 from botocore.exceptions import ClientError, WaiterError
+from botocore.waiter import WaiterModel, create_waiter_with_client
 
 from deployline.config import PROJECT_ROOT, CloudFormationSettings
 from deployline.environments.base import (
@@ -33,6 +36,7 @@ from deployline.environments.base import (
     EnvironmentInfo,
     EnvironmentSpec,
     RouterInfo,
+    StackOperation,
 )
 
 APPLICATION_TAG = "deployline:application"
@@ -61,6 +65,14 @@ HEALTHY_TARGET_STATES = frozenset({"healthy"})
 # rolls back to the previous, working configuration: UPDATE_ROLLBACK_COMPLETE).
 _READY = frozenset({"CREATE_COMPLETE", "UPDATE_COMPLETE", "UPDATE_ROLLBACK_COMPLETE"})
 
+_UPDATING = frozenset({"UPDATE_IN_PROGRESS", "UPDATE_COMPLETE_CLEANUP_IN_PROGRESS"})
+# The waiter for each operation (deployline/waiters/cloudformation.json): the blocking calls here and
+# stack_readiness.StackSettledTrigger (in the triggerer) wait alike; a rollback fails a create or update at once.
+WAITERS_FILE = Path(__file__).resolve().parents[1] / "waiters" / "cloudformation.json"
+WAITERS = {"create": "stack_created", "update": "stack_updated", "delete": "stack_deleted", "settle": "stack_settled"}
+# Start-and-wait rounds one blocking call may take (replace a failed stack: delete, then create).
+MAX_ROUNDS = 10
+
 
 def role_argument(role_arn: str | None) -> dict[str, str]:
     """``RoleARN`` for CreateStack, UpdateStack and DeleteStack: CloudFormation then acts with that
@@ -79,6 +91,27 @@ def describe_stack(cfn, name: str) -> dict | None:
     if not stacks or stacks[0]["StackStatus"] == "DELETE_COMPLETE":
         return None
     return stacks[0]
+
+
+def stack_waiter(cfn, name: str):
+    """A waiter of ``waiters/cloudformation.json`` (stack_created, ...) for a plain boto3 client."""
+    return create_waiter_with_client(name, _waiter_model(), cfn)
+
+
+@functools.cache
+def _waiter_model() -> WaiterModel:
+    return WaiterModel(json.loads(WAITERS_FILE.read_text(encoding="utf-8")))
+
+
+def failure_reasons(events: list[dict]) -> str:
+    """The reasons CloudFormation gives, from a stack's failed events (DescribeStackEvents, newest first)."""
+    failed = [
+        f"{e['LogicalResourceId']} ({e.get('ResourceType', '?')}) {e['ResourceStatus']}: "
+        f"{e.get('ResourceStatusReason', 'no reason given')}"
+        for e in events
+        if e["ResourceStatus"].endswith("FAILED")
+    ]
+    return "; ".join(failed[:5])
 
 
 class CloudFormationDriver(EnvironmentDriver):
@@ -119,19 +152,27 @@ class CloudFormationDriver(EnvironmentDriver):
     # ------------------------------------------------------------------ interface
 
     def provision(self, spec: EnvironmentSpec) -> EnvironmentInfo:
+        self._complete(lambda: self.start_provision(spec))
+        return self._require(spec.name, "create")
+
+    def start_provision(self, spec: EnvironmentSpec) -> StackOperation | None:
         if not spec.image_id:
             raise EnvironmentFailed(f"environment {spec.name}: no image_id (AMI) to run; bake an image first")
         stack = self._describe(spec.name)
         if stack is not None:
             status = stack["StackStatus"]
             if status in _READY:
-                return self._info(stack)
+                return None
             if status == "ROLLBACK_COMPLETE":
                 # A stack whose first create failed can only be deleted, not updated.
-                self._delete(spec.name)
+                return self._start_delete(spec.name)
             elif status == "CREATE_IN_PROGRESS":
                 # An earlier try (timed out, or a retry) is creating it: wait for that one.
-                return self._wait_for(spec.name, "stack_create_complete", "create")
+                return StackOperation(spec.name, "create")
+            elif status == "DELETE_IN_PROGRESS":
+                return StackOperation(spec.name, "delete")  # replacing a failed one; then create
+            elif status == "ROLLBACK_IN_PROGRESS":
+                return StackOperation(spec.name, "settle")  # a failed create (a retry): then replace it
             else:
                 raise EnvironmentFailed(
                     f"environment {spec.name}: stack {spec.name} is {status}; tear it down and try again"
@@ -184,7 +225,7 @@ class CloudFormationDriver(EnvironmentDriver):
             # Another try created it between our describe and create: wait for that one.
             if exc.response["Error"]["Code"] != "AlreadyExistsException":
                 raise
-        return self._wait_for(spec.name, "stack_create_complete", "create")
+        return StackOperation(spec.name, "create")
 
     def wait_until_healthy(self, name: str, health_path: str, timeout: float) -> EnvironmentInfo:
         # The load balancer does the checking, on the HealthCheckPath the stack (or the router
@@ -213,36 +254,47 @@ class CloudFormationDriver(EnvironmentDriver):
         return None if stack is None else self._info(stack)
 
     def resize(self, name: str, size: int) -> EnvironmentInfo:
+        self._complete(lambda: self.start_resize(name, size))
+        return self._require(name, "resize")
+
+    def start_resize(self, name: str, size: int) -> StackOperation | None:
         if size < 1:
             raise EnvironmentFailed(f"environment {name}: size must be at least 1, got {size}")
         stack = self._describe(name)
         if stack is None:
             raise EnvironmentFailed(f"environment {name} does not exist (no stack {name})")
+        if stack["StackStatus"] in _UPDATING:
+            return StackOperation(name, "update")  # an earlier try's resize
         existing = {p["ParameterKey"] for p in stack.get("Parameters", [])}
         new = {"DesiredCapacity": str(size)}
         if "MaxCapacity" in existing:  # stacks created before MaxCapacity have MaxSize = DesiredCapacity
             new["MaxCapacity"] = str(size + 1)
+        if _has_parameters(stack, new):
+            return None  # already at that size
         parameters = _parameters(existing, new)
         try:
             self.cfn.update_stack(StackName=name, UsePreviousTemplate=True, Parameters=parameters, **self._role())
         except ClientError as exc:
             if "No updates are to be performed" in str(exc):
-                return self._info(stack)  # already at that size
+                return None  # already at that size
             raise
-        return self._wait_for(name, "stack_update_complete", "resize")
+        return StackOperation(name, "update")
 
     def update(self, spec: EnvironmentSpec) -> EnvironmentInfo:
+        self._complete(lambda: self.start_update(spec))
+        return self._require(spec.name, "update")
+
+    def start_update(self, spec: EnvironmentSpec) -> StackOperation | None:
         if not spec.image_id:
             raise EnvironmentFailed(f"environment {spec.name}: no image_id (AMI) to run; bake an image first")
         if spec.size < 1:
             raise EnvironmentFailed(f"environment {spec.name}: size must be at least 1, got {spec.size}")
         stack = self._describe(spec.name)
-        if stack is not None and stack["StackStatus"] in ("UPDATE_IN_PROGRESS", "UPDATE_COMPLETE_CLEANUP_IN_PROGRESS"):
+        if stack is not None and stack["StackStatus"] in _UPDATING:
             # An earlier try is updating it: let that one finish, then bring it to this spec.
-            self._wait(spec.name, "stack_update_complete", "update")
-            stack = self._describe(spec.name)
+            return StackOperation(spec.name, "update")
         if stack is None or stack["StackStatus"] not in _READY:
-            return self.provision(spec)  # creates it, or waits for, replaces or refuses it by its status
+            return self.start_provision(spec)  # creates it, or waits for, replaces or refuses it by its status
         if _tags(stack).get(ROUTER_TAG):
             raise EnvironmentFailed(f"{spec.name} is a router stack, not an environment")
 
@@ -258,6 +310,8 @@ class CloudFormationDriver(EnvironmentDriver):
             VERSION_TAG: spec.version,
             **{f"{LABEL_TAG_PREFIX}{key}": str(value) for key, value in spec.labels.items()},
         }
+        if _has_parameters(stack, new) and tags == _tags(stack):
+            return None  # runs this version at this size already (the update done, or a retry's)
         try:
             # The current template: a long-lived stack gets its improvements (such as the rolling
             # UpdatePolicy) with the next release. Parameters the stack does not have yet take
@@ -271,22 +325,29 @@ class CloudFormationDriver(EnvironmentDriver):
             )
         except ClientError as exc:
             if "No updates are to be performed" in str(exc):
-                return self._info(stack)  # already runs that version at that size
+                return None  # already runs that version at that size
             raise
         # The auto scaling group's UpdatePolicy replaces the instances one by one, each new one
         # in service before an old one stops; CloudFormation rolls back if one does not come up.
-        return self._wait_for(spec.name, "stack_update_complete", "update")
+        return StackOperation(spec.name, "update")
 
     def teardown(self, name: str) -> bool:
+        if self._describe(name) is None:
+            return False
+        self._complete(lambda: self.start_teardown(name))
+        return True
+
+    def start_teardown(self, name: str) -> StackOperation | None:
         stack = self._describe(name)
         if stack is None:
-            return False
+            return None
         if _tags(stack).get(ROUTER_TAG):
             raise EnvironmentFailed(f"{name} is a router stack, not an environment; use remove_router")
+        if stack["StackStatus"] == "DELETE_IN_PROGRESS":
+            return StackOperation(name, "delete")
         self._refuse_if_live(stack)
         # Behind a router the stack has no target group of its own: the router's stays.
-        self._delete(name)
-        return True
+        return self._start_delete(name)
 
     def list(self, application: str | None = None) -> list[EnvironmentInfo]:
         found = []
@@ -302,17 +363,22 @@ class CloudFormationDriver(EnvironmentDriver):
     # ------------------------------------------------------------------ production traffic (blue/green)
 
     def ensure_router(self, application: str) -> RouterInfo:
+        self._complete(lambda: self.start_ensure_router(application))
+        return self._require_router(application)
+
+    def start_ensure_router(self, application: str) -> StackOperation | None:
         name = router_name(application)
         stack = self._describe(name)
         if stack is not None:
             status = stack["StackStatus"]
             if status in _READY:
-                return self._router_info(stack)
+                return None
             if status == "ROLLBACK_COMPLETE":
-                self._delete(name)  # its first create failed: it can only be deleted
+                return self._start_delete(name)  # its first create failed: it can only be deleted
             elif status == "CREATE_IN_PROGRESS":
-                self._wait(name, "stack_create_complete", "create")
-                return self._require_router(application)
+                return StackOperation(name, "create")
+            elif status == "DELETE_IN_PROGRESS":
+                return StackOperation(name, "delete")
             else:
                 raise EnvironmentFailed(f"router {name}: stack {name} is {status}; fix or delete it and try again")
 
@@ -338,8 +404,7 @@ class CloudFormationDriver(EnvironmentDriver):
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "AlreadyExistsException":
                 raise
-        self._wait(name, "stack_create_complete", "create")
-        return self._require_router(application)
+        return StackOperation(name, "create")
 
     def router(self, application: str) -> RouterInfo | None:
         stack = self._describe(router_name(application))
@@ -502,11 +567,23 @@ class CloudFormationDriver(EnvironmentDriver):
         return role_argument(self.settings.service_role_arn)
 
     def _delete(self, name: str) -> None:
-        self.cfn.delete_stack(StackName=name, **self._role())
-        self._wait(name, "stack_delete_complete", "delete")
+        self._start_delete(name)
+        self._wait(name, WAITERS["delete"], "delete")
 
-    def _wait_for(self, name: str, waiter: str, action: str) -> EnvironmentInfo:
-        self._wait(name, waiter, action)
+    def _start_delete(self, name: str) -> StackOperation:
+        self.cfn.delete_stack(StackName=name, **self._role())
+        return StackOperation(name, "delete")
+
+    def _complete(self, start) -> None:
+        """Blocking: ``start()`` and wait for what it started, until it has nothing left to wait for."""
+        for _ in range(MAX_ROUNDS):
+            pending = start()
+            if pending is None:
+                return
+            self._wait(pending.stack, WAITERS[pending.operation], pending.operation)
+        raise EnvironmentFailed(f"stack {pending.stack}: still not done after {MAX_ROUNDS} operations")
+
+    def _require(self, name: str, action: str) -> EnvironmentInfo:
         stack = self._describe(name)
         if stack is None:
             raise EnvironmentFailed(f"environment {name}: stack {name} disappeared during {action}")
@@ -514,25 +591,17 @@ class CloudFormationDriver(EnvironmentDriver):
 
     def _wait(self, name: str, waiter: str, action: str) -> None:
         try:
-            self.cfn.get_waiter(waiter).wait(StackName=name, WaiterConfig=self.waiter_config)
+            stack_waiter(self.cfn, waiter).wait(StackName=name, WaiterConfig=self.waiter_config)
         except WaiterError as exc:
             raise EnvironmentFailed(
                 f"environment {name}: {action} of stack {name} failed: {self._failure_reasons(name) or exc}"
             ) from exc
 
     def _failure_reasons(self, name: str) -> str:
-        """The reasons CloudFormation gives, from the stack's failed events (newest first)."""
         try:
-            events = self.cfn.describe_stack_events(StackName=name)["StackEvents"]
+            return failure_reasons(self.cfn.describe_stack_events(StackName=name)["StackEvents"])
         except ClientError:
             return ""
-        failed = [
-            f"{e['LogicalResourceId']} ({e.get('ResourceType', '?')}) {e['ResourceStatus']}: "
-            f"{e.get('ResourceStatusReason', 'no reason given')}"
-            for e in events
-            if e["ResourceStatus"].endswith("FAILED")
-        ]
-        return "; ".join(failed[:5])
 
     def _network(self, name: str) -> dict[str, str]:
         prefix = self.settings.network_parameter_prefix.rstrip("/")
@@ -618,6 +687,10 @@ def _parameters(existing: set[str], new: dict[str, str]) -> list[dict]:
     return [{"ParameterKey": k, "UsePreviousValue": True} for k in sorted(existing - set(new))] + [
         {"ParameterKey": k, "ParameterValue": v} for k, v in new.items()
     ]
+
+
+def _has_parameters(stack: dict, wanted: dict[str, str]) -> bool:
+    return all(_parameter(stack, key) == value for key, value in wanted.items())
 
 
 def _parameter(stack: dict, key: str) -> str:
