@@ -25,6 +25,7 @@ BENCHMARKS = {
     "orchestration_sqlite": ["orchestration.py", "--releases", "3", "--database", "sqlite"],
     "orchestration_celery": ["orchestration.py", "--releases", "3", "--celery"],
     "burst": ["burst.py", "--applications", "20"],
+    "aws_wait_slots": ["aws_wait_slots.py", "--hold", "20"],
     "waiting_cost": ["waiting_cost.py", "--runs", "20"],
     "polling": ["polling.py", "--pokes", "50", "--pushes", "6"],
 }
