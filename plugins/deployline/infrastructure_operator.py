@@ -71,7 +71,7 @@ class SupportInfrastructureOperator(BaseOperator):
 
     def _go_on(self, state: dict) -> list[dict]:
         from deployline import infrastructure
-        from deployline.stack_readiness import StackSettledTrigger
+        from deployline.stack_readiness import StackSettledTrigger, settled_now
 
         config = infrastructure.load_infrastructure_config()
         clients = infrastructure.clients_from_airflow(config)
@@ -79,6 +79,8 @@ class SupportInfrastructureOperator(BaseOperator):
         step = infrastructure.launch_step if self.action == "launch" else infrastructure.destroy_step
         try:
             while (pending := step(clients, config, self.plan["components"], state, **options)) is not None:
+                if settled_now(pending, config.conn_id, config.region):
+                    continue  # over already: the next component, no deferral (see settled_now)
                 self.log.info("waiting for %s of stack %s", pending.operation, pending.stack)
                 if self.deferrable:
                     self.defer(

@@ -182,6 +182,13 @@ class ProvisionInstanceOperator(BaseOperator):
         command_id = images.send_provisioning(self.hook.conn, self.instance_id, script, self.timeout, comment,
                                               poll_interval=self.poll_interval,
                                               delivery_timeout=self.delivery_timeout)
+        # One look first, as the AMI sensor does: a command already over (a quick script, moto) needs
+        # no deferral, and a deferral whose trigger fires at once races the scheduler's record of
+        # it: the resumed task was killed ("the task shouldn't be running anymore", apache/airflow#71172).
+        invocation = images.command_invocation(self.hook.conn, command_id, self.instance_id)
+        if invocation.get("Status", "Pending") not in images.SSM_IN_PROGRESS:
+            return self._done(images.provisioning_result(self.hook.conn, command_id, self.instance_id,
+                                                         invocation=invocation))
         wait = self.timeout + self.delivery_timeout  # the script may queue for the agent, then run
         self.defer(
             trigger=SsmCommandDoneTrigger(

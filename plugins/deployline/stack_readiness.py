@@ -214,6 +214,8 @@ class StackOperator(BaseOperator):
             if rounds >= self.max_rounds:
                 raise AirflowFailException(f"stack {pending.stack}: still not done after {rounds} operations")
             rounds += 1
+            if settled_now(pending, self.aws_conn_id, self.region_name):
+                continue  # over already (moto, a quick change): the next step, no deferral
             self.log.info("waiting for %s of stack %s", pending.operation, pending.stack)
             if self.deferrable:
                 self.defer(trigger=self._trigger(pending), method_name="resume",
@@ -238,6 +240,24 @@ class StackOperator(BaseOperator):
         problem = stack_event_problem(event, pending.to_dict())
         if problem:
             raise StackFailed(problem)
+
+
+def settled_now(pending: StackOperation, aws_conn_id: str | None, region_name: str | None) -> bool:
+    """One look before deferring, as the AMI sensor does: whether ``pending`` has already ended well.
+
+    A deferral whose trigger fires at once races the scheduler's own record of it: the resumed task
+    was killed ("the task shouldn't be running anymore", apache/airflow#71172). Anything but a
+    success (in progress, failed) is left to the trigger, which explains a failure.
+    """
+    from botocore.exceptions import WaiterError
+
+    hook = DeploylineCloudFormationHook(aws_conn_id=aws_conn_id, region_name=region_name)
+    try:
+        hook.get_waiter(WAITERS[pending.operation]).wait(
+            StackName=pending.stack, WaiterConfig={"Delay": 1, "MaxAttempts": 1})
+    except WaiterError:
+        return False
+    return True
 
 
 async def _first_event(trigger: StackSettledTrigger) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from airflow.sdk.exceptions import TaskDeferred
 from deployline import infrastructure as infra
+from deployline import stack_readiness
 from deployline.infrastructure_operator import SupportInfrastructureOperator
 from deployline.stack_readiness import StackSettledTrigger
 from test_support_infrastructure import ami, aws, clients, config, moto_stack  # noqa: F401 (fixtures)
@@ -21,9 +22,13 @@ pytestmark = [
 
 @pytest.fixture
 def airflow_side(monkeypatch, clients, config):  # noqa: F811
-    """What the task reads when it runs: the infrastructure config and the Airflow connection's clients."""
+    """What the task reads when it runs: the infrastructure config and the Airflow connection's clients.
+
+    Every stack operation still looks in progress at the task's one look before deferring (moto
+    finishes them at once; on AWS they take minutes), so the task defers."""
     monkeypatch.setattr(infra, "load_infrastructure_config", lambda: config)
     monkeypatch.setattr(infra, "clients_from_airflow", lambda _config: clients)
+    monkeypatch.setattr(stack_readiness, "settled_now", lambda *args: False)
 
 
 def success(pending: dict) -> dict:
@@ -111,6 +116,17 @@ def test_a_stack_in_progress_is_waited_for_before_the_destroy_checks(airflow_sid
     moto_stack("deployline-notifications").status = "UPDATE_COMPLETE"
     results, waits = drive(op)
     assert results[0]["action"] == "deleted"
+
+
+def test_operations_already_over_at_the_first_look_need_no_deferral(airflow_side, monkeypatch, config):  # noqa: F811
+    # A deferral whose trigger fires at once races the scheduler (apache/airflow#71172): the task
+    # looks once first, and goes on when the stack is done already.
+    looked = []
+    monkeypatch.setattr(stack_readiness, "settled_now", lambda pending, *a: looked.append(pending.stack) or True)
+    op = SupportInfrastructureOperator(task_id="launch", action="launch", plan={"components": list(infra.COMPONENTS)})
+    results, waits = drive(op)
+    assert waits == [] and looked == [config.stack_name(c) for c in infra.COMPONENTS]
+    assert [r["action"] for r in results] == ["created"] * len(infra.COMPONENTS)
 
 
 def test_only_launch_or_destroy():

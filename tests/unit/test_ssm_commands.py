@@ -15,6 +15,7 @@ import time
 import boto3
 import pytest
 from airflow.sdk.exceptions import TaskDeferred
+from deployline import images
 from deployline.images import ImageError
 from deployline.ssm_commands import (
     WAITERS_FILE,
@@ -158,7 +159,15 @@ def operator(**kwargs):
                                      timeout=60, delivery_timeout=30, poll_interval=5, **kwargs)
 
 
-def test_the_operator_sends_then_defers(ssm):
+def test_a_command_over_at_the_first_look_is_not_deferred(ssm):
+    # moto's commands end at once: no deferral, whose trigger would fire at once and race the
+    # scheduler (apache/airflow#71172).
+    command_id = operator().execute({})
+    assert ssm.list_commands(CommandId=command_id)["Commands"][0]["DocumentName"] == "AWS-RunShellScript"
+
+
+def test_the_operator_sends_then_defers(ssm, monkeypatch):
+    monkeypatch.setattr(images, "command_invocation", lambda *args: {"Status": "InProgress"})
     with pytest.raises(TaskDeferred) as deferred:
         operator().execute({})
     command_id = deferred.value.kwargs["command_id"]

@@ -16,6 +16,7 @@ import uuid
 import boto3
 import pytest
 from airflow.sdk.exceptions import TaskDeferred
+from deployline import stack_readiness
 from deployline.environments.base import StackOperation
 from deployline.environments.cloudformation import WAITERS, WAITERS_FILE, stack_waiter
 from deployline.stack_readiness import (
@@ -216,7 +217,8 @@ def test_nothing_to_wait_for_means_no_deferral():
     assert operator([None]).execute({}) == "done"
 
 
-def test_the_operator_defers_to_the_trigger_then_goes_on():
+def test_the_operator_defers_to_the_trigger_then_goes_on(monkeypatch):
+    monkeypatch.setattr(stack_readiness, "settled_now", lambda *args: False)  # still in progress at its look
     op = operator([StackOperation("dl-a", "delete"), StackOperation("dl-a", "create"), None])
     with pytest.raises(TaskDeferred) as deferred:
         op.execute({})
@@ -251,6 +253,22 @@ def test_resume_validates_the_event(event, message):
 def test_stack_event_problem_accepts_only_a_matching_success():
     pending = {"stack": "dl-a", "operation": "update"}
     assert stack_event_problem({"status": "success", "stack_name": "dl-a", "operation": "update"}, pending) is None
+
+
+def test_an_operation_over_at_the_first_look_is_not_deferred(monkeypatch):
+    # A deferral whose trigger fires at once races the scheduler (apache/airflow#71172).
+    monkeypatch.setattr(stack_readiness, "settled_now", lambda *args: True)
+    op = operator([StackOperation("dl-a", "delete"), StackOperation("dl-a", "create"), None])
+    assert op.execute({}) == "done"
+
+
+def test_settled_now_looks_once(cfn, stack):
+    pending = StackOperation(stack.name, "create")
+    assert not stack_readiness.settled_now(pending, "aws_default", REGION)  # held CREATE_IN_PROGRESS
+    stack.status = "CREATE_COMPLETE"
+    assert stack_readiness.settled_now(pending, "aws_default", REGION)
+    fail(stack, "ROLLBACK_IN_PROGRESS")
+    assert not stack_readiness.settled_now(pending, "aws_default", REGION)  # the trigger explains failures
 
 
 def test_the_operator_gives_up_after_max_rounds():
