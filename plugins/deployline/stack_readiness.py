@@ -33,7 +33,7 @@ from airflow.triggers.base import TriggerEvent
 from botocore.exceptions import ClientError
 
 from deployline.environments.base import StackOperation
-from deployline.environments.cloudformation import WAITERS, WAITERS_FILE, failure_reasons
+from deployline.environments.cloudformation import WAITERS, WAITERS_FILE, failure_reasons, stack_waiter
 
 
 class StackFailed(RuntimeError):
@@ -251,9 +251,9 @@ def settled_now(pending: StackOperation, aws_conn_id: str | None, region_name: s
     """
     from botocore.exceptions import WaiterError
 
-    hook = DeploylineCloudFormationHook(aws_conn_id=aws_conn_id, region_name=region_name)
+    cloudformation_client = DeploylineCloudFormationHook(aws_conn_id=aws_conn_id, region_name=region_name).conn
     try:
-        hook.get_waiter(WAITERS[pending.operation]).wait(
+        stack_waiter(cloudformation_client, WAITERS[pending.operation]).wait(
             StackName=pending.stack, WaiterConfig={"Delay": 1, "MaxAttempts": 1})
     except WaiterError:
         return False
