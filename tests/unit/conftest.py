@@ -20,6 +20,22 @@ def s3(request, monkeypatch):
         yield client
 
 
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """moto as a server in this process, on a free port of 127.0.0.1: a test can hold an object
+    (an image, a stack, a command) in a state by changing it in moto's backend."""
+    from deployline.embedded import free_port
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def root(tmp_path):
     """The environments' root; afterwards every environment in it is torn down, even when a test failed."""

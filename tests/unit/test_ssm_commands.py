@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import boto3
@@ -24,29 +23,11 @@ from deployline.ssm_commands import (
     SsmCommandDoneTrigger,
 )
 from moto.core import DEFAULT_ACCOUNT_ID
-from moto.server import ThreadedMotoServer
 from moto.ssm.models import ssm_backends
 
 REGION = "us-east-1"
 INSTANCE = "i-0123456789abcdef0"
 STDERR = "x" * 5000 + "\nyum: no such package: nginx-extras"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture
