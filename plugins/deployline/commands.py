@@ -19,6 +19,19 @@ from deployline.workdirs import work_dir
 
 log = logging.getLogger(__name__)
 
+# What a commit's command (build, tests, load tests) sees of the worker's environment: what a shell
+# and the tools on PATH need, never the worker's secrets (Airflow's database and connections, AWS
+# keys). The caller adds what the stage documents and the config's ``env``.
+INHERITED = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM")
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def command_environment(home: str | Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The allow-listed environment of a command: INHERITED, HOME and TMPDIR in ``home``, then ``env``."""
+    base = {key: os.environ[key] for key in INHERITED if key in os.environ}
+    base.setdefault("PATH", DEFAULT_PATH)
+    return base | {"HOME": str(home), "TMPDIR": str(home)} | (env or {})
+
 
 class CommandFailed(AirflowFailException):
     """A command exited non-zero or timed out; the message has the command and its last lines.
@@ -88,11 +101,14 @@ def run_command(
     logger.info("$ %s  (in %s, timeout %ss)", command, cwd, timeout)
     marker = _group_file(command, cwd)
     _stop_leftover(marker, logger)
+    import tempfile
+
+    home = tempfile.TemporaryDirectory(prefix="deployline-command-")  # its HOME and TMPDIR, removed after
     started = time.monotonic()
     proc = subprocess.Popen(
         ["bash", "-o", "pipefail", "-c", command],
         cwd=cwd,
-        env=os.environ | (env or {}),
+        env=command_environment(home.name, env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -128,6 +144,7 @@ def run_command(
     finally:
         timer.cancel()
         marker.unlink(missing_ok=True)
+        home.cleanup()
     elapsed = time.monotonic() - started
     if timed_out.is_set():
         raise CommandFailed(command, f"timed out after {timeout}s", list(tail))

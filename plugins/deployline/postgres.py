@@ -129,6 +129,7 @@ def init_cluster(folder: Path) -> Cluster:
     finally:
         pwfile.unlink(missing_ok=True)
     if done.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)  # nothing half-made is left (the caller never gets it)
         raise PostgresError(f"initdb in {data} failed (exit {done.returncode}): {done.stderr.strip()[-1500:]}")
     return Cluster(folder, password)
 

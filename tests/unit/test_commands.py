@@ -1,4 +1,5 @@
 import logging
+import os
 
 import pytest
 from deployline.commands import CommandFailed, run_command
@@ -85,3 +86,18 @@ def test_a_retry_stops_what_a_killed_try_left_running(tmp_path, monkeypatch, cap
         time.sleep(0.05)
     assert not psutil.pid_exists(group) or psutil.Process(group).status() == psutil.STATUS_ZOMBIE
     assert not list(markers.glob("*.pgid"))  # nothing noted once the command has finished
+
+
+def test_a_command_sees_none_of_the_workers_secrets(tmp_path, monkeypatch):
+    # A commit's build must not read Airflow's database or connections, nor the AWS keys.
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "postgresql://airflow:s3cret@db/airflow")
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", "aws://AKIA:s3cret@")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
+    tail = run_command("env | sort | base64 -w0; echo", tmp_path, 10, env={"DEPLOYLINE_VERSION": "r1-abc"})
+    import base64
+
+    seen = dict(line.split("=", 1) for line in base64.b64decode(tail[-1]).decode().splitlines() if "=" in line)
+    assert "s3cret" not in base64.b64decode(tail[-1]).decode()
+    assert not [k for k in seen if k.startswith(("AIRFLOW", "AWS_"))], sorted(seen)
+    assert seen["DEPLOYLINE_VERSION"] == "r1-abc" and seen["PATH"]
+    assert seen["HOME"] == seen["TMPDIR"] and seen["HOME"] != os.environ.get("HOME")
