@@ -14,6 +14,7 @@ import airflow.providers.standard.operators.hitl  # noqa: F401
 import airflow.providers.standard.operators.python  # noqa: F401
 import airflow.providers.standard.operators.trigger_dagrun  # noqa: F401
 import airflow.providers.standard.sensors.external_task  # noqa: F401
+import airflow.providers.standard.triggers.temporal  # noqa: F401
 import airflow.sdk.definitions.decorators  # noqa: F401
 from deployline.dag_factory import build_pipeline_dags
 

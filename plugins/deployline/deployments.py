@@ -9,13 +9,20 @@ that requests in flight complete, then it is removed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from deployline.config import Production
-from deployline.environments.base import EnvironmentDriver, EnvironmentSpec, RouterInfo
+from deployline.environments.base import (
+    EnvironmentDriver,
+    EnvironmentFailed,
+    EnvironmentSpec,
+    RouterInfo,
+    StackOperation,
+)
 from deployline.releases import revision_of, utcnow
 
 log = logging.getLogger(__name__)
@@ -72,60 +79,215 @@ def superseded_by(driver: EnvironmentDriver, application: str, version: str) -> 
     return live if live and revision_of(live) > revision_of(version) else None
 
 
+@dataclass(frozen=True)
+class Wait:
+    """What a deploy waits for before its next step: a stack operation to end, or a moment."""
+
+    stack: StackOperation | None = None
+    until: float | None = None  # seconds since the epoch (the next step may run in another process)
+
+
+class BlueGreen:
+    """The blue/green deploy as steps, so that a task can wait between them in Airflow's triggerer.
+
+    ``step(state)`` does one phase's work and returns ``(state, next)``: a :class:`Wait` (a stack
+    operation started, or green not healthy yet) or the :class:`Deployed` result; it raises
+    :class:`RolledBack`. ``state`` is plain JSON, carried from one step to the next (by a deferred
+    task, through the trigger). Every step goes on from where the resources are (the drivers are
+    idempotent), so a step repeated after a killed worker does no harm; a whole deploy repeated
+    after the switch finds its version live (``already_live``).
+
+    Phases: ``begin`` (the router, what is live) -> ``clear`` (idle environments a killed deploy
+    left) -> ``provision`` green -> ``healthy`` (health, smoke tests at green's own address,
+    switch, smoke tests through the router, health watched) -> ``drain`` -> ``retire`` blue. A
+    failure before or after the switch: ``rollback`` (traffic on blue, green removed), then
+    ``RolledBack``.
+    """
+
+    def __init__(self, driver: EnvironmentDriver, spec: EnvironmentSpec, settings: Production, *, health_path: str,
+                 health_timeout: float, smoke: Callable[[str], object], logger: logging.Logger = log,
+                 look_for: float = 10.0, health_wait: float = 30.0, clock: Callable[[], float] = time.time):
+        self.driver, self.spec, self.settings = driver, spec, settings
+        self.health_path, self.health_timeout, self.smoke = health_path, health_timeout, smoke
+        self.log, self.clock = logger, clock
+        # How long a step looks at green's health itself before asking to wait (a local
+        # environment is healthy within seconds: no wait; instances behind a load balancer: minutes).
+        self.look_for = look_for
+        self.health_wait = health_wait  # then waits this long before looking again
+
+    def start(self) -> dict:
+        return {"phase": "begin", "started": self.clock()}
+
+    def step(self, state: dict) -> tuple[dict, Wait | Deployed]:
+        phase = state.get("phase")
+        if phase not in _PHASES:
+            raise ValueError(f"unknown deploy phase {phase!r} in {state!r}")
+        return getattr(self, f"_{phase}")(dict(state))
+
+    def stack_failed(self, state: dict, problem: str) -> dict:
+        """A stack operation the last step waited for failed: green's roll back, anything else raises."""
+        if state.get("phase") == "provision":
+            return self._roll_back(state, BEFORE_SWITCH, f"EnvironmentFailed: {problem}")
+        raise EnvironmentFailed(f"production deploy of {self.spec.version} ({state.get('phase')}): {problem}")
+
+    # ------------------------------------------------------------------ phases
+
+    def _begin(self, state: dict):
+        pending = self.driver.start_ensure_router(self.spec.application)
+        if pending:
+            return state, Wait(stack=pending)
+        router = self._router()
+        state["blue"], state["blue_version"] = router.live, live_version(self.driver, router)
+        self.log.info("production address %s; live: %s (%s)", router.endpoint, router.live or "nothing",
+                      state["blue_version"] or "-")
+        if router.live == self.spec.name:
+            self.log.info("%s is already live in %s: nothing to do", self.spec.version, self.spec.name)
+            return state, Deployed(self.spec.version, self.spec.name, router.endpoint, None, None, 0, 0, 0, 0,
+                                   "already_live")
+        return self._clear(state | {"phase": "clear"})
+
+    def _clear(self, state: dict):
+        # What an interrupted deploy left (a green, a blue not yet retired) would take the idle slot.
+        router = self._router()
+        for info in self.driver.list(self.spec.application):
+            if info.stage == "production" and info.name != router.live:
+                pending = self._remove(info.name)
+                if pending:
+                    return state, Wait(stack=pending)
+        state["green_labels"] = self.driver.green_spec(router, self.spec).labels
+        return self._provision(state | {"phase": "provision"})
+
+    def _provision(self, state: dict):
+        green = self._green(state)
+        try:
+            pending = self.driver.start_provision(green)
+        except Exception as exc:
+            return self._rollback(self._roll_back(state, BEFORE_SWITCH, _describe(exc)))
+        if pending:
+            return state, Wait(stack=pending)
+        info = self.driver.get(green.name)
+        if info is None:
+            return self._rollback(self._roll_back(state, BEFORE_SWITCH, f"green {green.name} is gone after its "
+                                                                         "stack settled"))
+        self.log.info("green %s: %d x %s at %s", info.name, info.size, self.spec.version, info.endpoint)
+        return self._healthy(state | {"phase": "healthy", "healthy_by": self.clock() + self.health_timeout})
+
+    def _healthy(self, state: dict):
+        green, router = self._green(state), self._router()
+        remaining = state["healthy_by"] - self.clock()
+        try:
+            self.driver.wait_until_healthy(green.name, self.health_path, max(0.0, min(self.look_for, remaining)))
+        except EnvironmentFailed as exc:
+            if remaining > self.look_for:
+                self.log.info("green %s not healthy yet (%s); looking again, for up to %.0fs more", green.name,
+                              str(exc).splitlines()[0][:300], remaining)
+                return state, Wait(until=self.clock() + min(self.health_wait, remaining - self.look_for))
+            return self._rollback(self._roll_back(
+                state, BEFORE_SWITCH, f"EnvironmentFailed: {green.name} not healthy after {self.health_timeout:g}s: "
+                f"{exc}"))
+        try:
+            url = self.driver.test_endpoint(router, green.name)
+            self.log.info("green is healthy; smoke tests against %s", url)
+            self.smoke(url)
+        except Exception as exc:
+            return self._rollback(self._roll_back(state, BEFORE_SWITCH, _describe(exc)))
+        except BaseException:  # killed: start removing green; the stage's clean-up task checks again
+            self._remove(green.name)
+            raise
+
+        switching = time.monotonic()
+        self.driver.switch(self.spec.application, green.name)
+        state["switch_seconds"] = round(time.monotonic() - switching, 3)
+        self.log.info("switched %s to %s in %.2fs; watching health for %gs", router.endpoint, green.name,
+                      state["switch_seconds"], self.settings.verify_seconds)
+        try:
+            self.smoke(router.endpoint)
+            state["verified_seconds"] = round(_watch(self.driver, green.name, self.health_path, self.settings,
+                                                     self.log), 3)
+        except Exception as exc:
+            self.driver.switch(self.spec.application, state["blue"])
+            self.log.warning("rolled back: %s serves %s again", router.endpoint, state["blue_version"] or "nothing")
+            return self._rollback(self._roll_back(state, AFTER_SWITCH, _describe(exc)))
+        if not state["blue"]:
+            return self._done(state, drained=0.0)
+        self.log.info("draining %s for %gs before removing it", state["blue"], self.settings.drain_seconds)
+        state |= {"phase": "drain", "drain_until": self.clock() + self.settings.drain_seconds}
+        return self._drain(state)
+
+    def _drain(self, state: dict):
+        if self.clock() < state["drain_until"]:
+            return state, Wait(until=state["drain_until"])
+        return self._retire(state | {"phase": "retire"})
+
+    def _retire(self, state: dict):
+        pending = self._remove(state["blue"])
+        if pending:
+            return state, Wait(stack=pending)
+        return self._done(state, drained=self.settings.drain_seconds)
+
+    def _rollback(self, state: dict):
+        pending = self._remove(self.spec.name)
+        if pending:
+            return state, Wait(stack=pending)
+        failed = state["rollback"]
+        raise RolledBack(self.spec.version, failed["phase"], failed["reason"], state["blue_version"])
+
+    # ------------------------------------------------------------------ helpers
+
+    def _done(self, state: dict, drained: float):
+        router = self._router()
+        return state, Deployed(self.spec.version, self.spec.name, router.endpoint, state["blue_version"],
+                               state["blue"], state["switch_seconds"], state["verified_seconds"], drained,
+                               round(self.clock() - state["started"], 3))
+
+    def _roll_back(self, state: dict, phase: str, reason: str) -> dict:
+        self.log.warning("rolling back %s (%s): %s", self.spec.version, phase.replace("_", " "), reason[-500:])
+        return state | {"phase": "rollback", "rollback": {"phase": phase, "reason": reason}}
+
+    def _router(self) -> RouterInfo:
+        router = self.driver.router(self.spec.application)
+        if router is None:
+            raise EnvironmentFailed(f"the production address of {self.spec.application} is gone")
+        return router
+
+    def _green(self, state: dict) -> EnvironmentSpec:
+        return dataclasses.replace(self.spec, labels=state["green_labels"])
+
+    def _remove(self, name: str) -> StackOperation | None:
+        pending = self.driver.start_teardown(name)
+        self.log.info("environment %s %s", name, "being removed" if pending else "removed (or already gone)")
+        return pending
+
+
+_PHASES = ("begin", "clear", "provision", "healthy", "drain", "retire", "rollback")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def blue_green(driver: EnvironmentDriver, spec: EnvironmentSpec, settings: Production, *, health_path: str,
                health_timeout: float, smoke: Callable[[str], object], logger: logging.Logger = log) -> Deployed:
-    """Deploy ``spec`` (stage production) as green; returns when green serves and blue is gone.
+    """Deploy ``spec`` (stage production) as green, waiting here; returns when green serves and blue is gone.
 
-    ``smoke(url)`` raises when the smoke tests fail against ``url``.  Raises ``RolledBack``.
+    The steps of :class:`BlueGreen`, run one after the other in this process (the pipeline's
+    task waits in the triggerer instead). ``smoke(url)`` raises when the smoke tests fail
+    against ``url``.  Raises ``RolledBack``.
     """
-    started = time.monotonic()
-    router = driver.ensure_router(spec.application)
-    blue = router.live
-    blue_version = live_version(driver, router)
-    logger.info("production address %s; live: %s (%s)", router.endpoint, blue or "nothing", blue_version or "-")
-    if blue == spec.name:
-        logger.info("%s is already live in %s: nothing to do", spec.version, spec.name)
-        return Deployed(spec.version, spec.name, router.endpoint, None, None, 0, 0, 0, 0, "already_live")
-    # What an interrupted deploy left (a green, a blue not yet retired) would take the idle slot.
-    remove_idle(driver, spec.application, logger)
-    green = driver.green_spec(router, spec)
-
-    try:
-        info = driver.provision(green)
-        logger.info("green %s: %d x %s at %s", info.name, info.size, spec.version, info.endpoint)
-        driver.wait_until_healthy(green.name, health_path, health_timeout)
-        url = driver.test_endpoint(router, green.name)
-        logger.info("green is healthy; smoke tests against %s", url)
-        smoke(url)
-    except Exception as exc:
-        _remove(driver, green.name, logger)
-        raise RolledBack(spec.version, BEFORE_SWITCH, f"{type(exc).__name__}: {exc}", blue_version) from exc
-    except BaseException:  # killed: leave nothing behind; the stage's clean-up task checks again
-        _remove(driver, green.name, logger)
-        raise
-
-    switching = time.monotonic()
-    driver.switch(spec.application, green.name)
-    switch_seconds = time.monotonic() - switching
-    logger.info("switched %s to %s in %.2fs; watching health for %gs", router.endpoint, green.name,
-                switch_seconds, settings.verify_seconds)
-    try:
-        smoke(router.endpoint)
-        verified = _watch(driver, green.name, health_path, settings, logger)
-    except Exception as exc:
-        driver.switch(spec.application, blue)
-        logger.warning("rolled back: %s serves %s again", router.endpoint, blue_version or "nothing")
-        _remove(driver, green.name, logger)
-        raise RolledBack(spec.version, AFTER_SWITCH, f"{type(exc).__name__}: {exc}", blue_version) from exc
-
-    drained = 0.0
-    if blue:
-        logger.info("draining %s for %gs before removing it", blue, settings.drain_seconds)
-        time.sleep(settings.drain_seconds)
-        drained = settings.drain_seconds
-        _remove(driver, blue, logger)
-    return Deployed(spec.version, green.name, router.endpoint, blue_version, blue, round(switch_seconds, 3),
-                    round(verified, 3), drained, round(time.monotonic() - started, 3))
+    machine = BlueGreen(driver, spec, settings, health_path=health_path, health_timeout=health_timeout, smoke=smoke,
+                        logger=logger)
+    state = machine.start()
+    while True:
+        state, following = machine.step(state)
+        if isinstance(following, Deployed):
+            return following
+        if following.stack:
+            try:
+                driver.wait_for(following.stack)
+            except EnvironmentFailed as exc:
+                state = machine.stack_failed(state, str(exc))
+        else:
+            time.sleep(max(0.0, following.until - machine.clock()))
 
 
 def _watch(driver: EnvironmentDriver, name: str, health_path: str, settings: Production, logger) -> float:
@@ -148,14 +310,31 @@ def _remove(driver: EnvironmentDriver, name: str, logger) -> None:
     logger.info("environment %s %s", name, "removed" if removed else "was already gone")
 
 
+def idle_environments(driver: EnvironmentDriver, application: str) -> list[str]:
+    """The production environments of ``application`` that take no traffic."""
+    router = driver.router(application)
+    live = router.live if router else None
+    return [e.name for e in driver.list(application) if e.stage == "production" and e.name != live]
+
+
 def remove_idle(driver: EnvironmentDriver, application: str, logger: logging.Logger = log) -> list[str]:
-    """Remove every production environment of ``application`` that takes no traffic.
+    """Remove every production environment of ``application`` that takes no traffic (waiting here).
 
     Run where no deploy of the application can run at the same time (its one-slot pool).
     """
-    router = driver.router(application)
-    live = router.live if router else None
-    idle = [e.name for e in driver.list(application) if e.stage == "production" and e.name != live]
+    idle = idle_environments(driver, application)
     for name in idle:
         _remove(driver, name, logger)
     return idle
+
+
+def start_removing_idle(driver: EnvironmentDriver, application: str,
+                        logger: logging.Logger = log) -> StackOperation | None:
+    """``remove_idle`` without waiting: starts removing the next idle environment and returns the stack
+    operation to wait for, or None when none is left (call it again after each wait)."""
+    for name in idle_environments(driver, application):
+        pending = driver.start_teardown(name)
+        logger.info("idle environment %s %s", name, "being removed" if pending else "removed")
+        if pending:
+            return pending
+    return None

@@ -22,7 +22,8 @@ DOC = """\
 Starts only when `5-exploratory` (approved) and `6-capacity` (thresholds met) both
 succeeded in this run, so both judged this very version; `check_release_ready` confirms it
 from the release record. `ensure_pools` creates the application's one-slot pools
-(`{pre_pool}`, `{prod_pool}`) when they are missing. `update_environment` brings the
+(`{pre_pool}`, `{prod_pool}`) when they are missing; they count deferred tasks, so a
+deploy that waits in the triggerer keeps its slot. `update_environment` brings the
 application's long-lived pre-production environment (`{env}`) to production size ({size})
 and this version, new workers up before the old ones stop; `smoke_test` runs the
 repository's smoke tests against it and checks the version it reports. Both hold the pool
@@ -73,16 +74,21 @@ def preproduction_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
             api = api_from_connection()
             if api is None:
                 log.warning("no deployline_api connection: create the pools %s and %s (1 slot each) yourself, "
-                            "e.g. `airflow pools set %s 1 'one deploy at a time'`", config.preproduction_pool,
+                            "counting deferred tasks, e.g. `airflow pools set %s 1 'one deploy at a time' --include-deferred`", config.preproduction_pool,
                             config.production_pool, config.production_pool)
                 return
             for pool in (config.preproduction_pool, config.production_pool):
-                existing = {p["name"] for p in api.get("/pools", limit=1000)["pools"]}
+                existing = {p["name"]: p for p in api.get("/pools", limit=1000)["pools"]}
+                if pool in existing and not existing[pool]["include_deferred"]:
+                    # Made before deploys deferred: a waiting deploy must keep its slot.
+                    api.request("PATCH", f"/pools/{pool}", idempotent=True, params={"update_mask": "include_deferred"},
+                                json={"include_deferred": True})
+                    log.info("pool %s now counts deferred tasks", pool)
                 if pool not in existing:
                     # Sent again on SQLite's "Database error"; a pool made meanwhile (409) is as good.
                     try:
                         api.request("POST", "/pools", idempotent=True,
-                                    json={"name": pool, "slots": 1, "include_deferred": False,
+                                    json={"name": pool, "slots": 1, "include_deferred": True,
                                           "description": f"one {config.application} deploy at a time"})
                     except AirflowApiError as exc:
                         if ": 409 " not in str(exc):

@@ -10,12 +10,13 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from deployline import aws, notifications
 from deployline.approvals import approval_tasks
+from deployline.blue_green_operator import BlueGreenDeployOperator
 from deployline.config import PipelineConfig
-from deployline.deployments import Deployed, RolledBack, blue_green, remove_idle, superseded_by
-from deployline.environment_tasks import run_repository_test, stack_task
+from deployline.deployments import BlueGreen, Deployed, RolledBack, start_removing_idle, superseded_by
+from deployline.environment_tasks import STACK_POLL_INTERVAL, STACK_TIMEOUT, run_repository_test, stack_task
 from deployline.environments.base import EnvironmentFailed, EnvironmentSpec, environment_name
-from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
+from deployline.stack_readiness import StackOperator
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ pool `{pool}` so two production deploys never overlap:
 3. The production address switches to green; the smoke tests run again through it and
    green's health is watched for {verify:g} s.
 4. Blue keeps running {drain:g} s for requests in flight, then it is removed.
+
+`deploy` holds no worker slot while it waits: for green's stack, green's health behind its
+load balancer, the drain and blue's removal it defers to the triggerer (the Graph shows it
+*deferred*), and the pool counts it still, so the next deploy waits.
 
 A retry of `deploy` (or a rerun of the stage) after the switch finds this version live: it
 deploys nothing again and writes the deploy to the release record once.
@@ -85,16 +90,15 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
                                   verify=config.production.verify_seconds, drain=config.production.drain_seconds)
         _, _, approved = approval_tasks(config, "production", commit, after=after)
 
-        @task(task_id="deploy", pool=config.production_pool, **config.environments.host_queue())
-        def deploy(candidate: dict, commit: dict) -> dict:
+        def prepare(candidate: dict, commit: dict) -> BlueGreen:
             run_id, version = get_current_context()["run_id"], commit["version"]
-            driver, registry = aws.environment_driver(config), ReleaseRegistry.for_config(config)
+            driver = aws.environment_driver(config)
             newer = superseded_by(driver, config.application, version)
             if newer:
-                registry.update(version, production={"result": "superseded", "live_version": newer, "at": utcnow(),
-                                                     "run_id": run_id},
-                                stages={"8-production": {"result": "superseded", "finished_at": utcnow(),
-                                                         "run_id": run_id}})
+                ReleaseRegistry.for_config(config).update(
+                    version, production={"result": "superseded", "live_version": newer, "at": utcnow(),
+                                         "run_id": run_id},
+                    stages={"8-production": {"result": "superseded", "finished_at": utcnow(), "run_id": run_id}})
                 reason = f"superseded: production runs {newer}, newer than {version}; {version} is not deployed"
                 log.info("%s", reason)  # Airflow logs a skip without its reason
                 raise AirflowSkipException(reason)
@@ -109,24 +113,28 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
                 return run_repository_test(config, config.smoke_test, "smoke_test", commit, url,
                                            candidate["artifact_version"], f"{run_id}-production-{next(attempt)}")
 
-            started_at = utcnow()
-            try:
-                deployed = blue_green(driver, spec, config.production, health_path=envs.health_path,
-                                      health_timeout=envs.health_timeout, smoke=smoke, logger=log)
-            except RolledBack as exc:
-                rollback = exc.to_dict()
-                registry.add_deployment(
-                    version, {"result": "rolled_back", "started_at": started_at, "at": rollback["at"], "run_id": run_id,
-                              "phase": rollback["phase"], "restored_version": rollback["restored_version"]},
-                    rollback=rollback, production={"result": "rolled_back", "at": rollback["at"], "run_id": run_id})
-                notifications.publish(config, f"{config.application} {version}: rolled back", str(exc))
-                raise
-            details = record_deployment(registry, version, deployed, run_id, started_at)
+            return BlueGreen(driver, spec, config.production, health_path=envs.health_path,
+                             health_timeout=envs.health_timeout, smoke=smoke, logger=log)
+
+        def deployed(deployed: Deployed, state: dict, candidate: dict, commit: dict) -> dict:
+            version = commit["version"]
+            details = record_deployment(ReleaseRegistry.for_config(config), version, deployed,
+                                        get_current_context()["run_id"], state["started_at"])
             notifications.publish(config, f"{config.application} {version} is live",
                                   f"{version} serves {deployed.endpoint} (previous: {deployed.previous_version}).")
             log.info("%s is live at %s (switch %.2fs, previous %s)", version, deployed.endpoint,
                      deployed.switch_seconds, deployed.previous_version)
             return details
+
+        def rolled_back(error: RolledBack, state: dict, candidate: dict, commit: dict) -> None:
+            version, rollback = commit["version"], error.to_dict()
+            ReleaseRegistry.for_config(config).add_deployment(
+                version, {"result": "rolled_back", "started_at": state["started_at"], "at": rollback["at"],
+                          "run_id": get_current_context()["run_id"], "phase": rollback["phase"],
+                          "restored_version": rollback["restored_version"]},
+                rollback=rollback, production={"result": "rolled_back", "at": rollback["at"],
+                                               "run_id": get_current_context()["run_id"]})
+            notifications.publish(config, f"{config.application} {version}: rolled back", str(error))
 
         def start_router():
             return aws.environment_driver(config).start_ensure_router(config.application)
@@ -140,18 +148,32 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
                      router.live or "nothing yet")
             return router.to_dict()
 
-        @task(task_id="clean_up_environments", pool=config.production_pool, **config.environments.host_queue())
-        def clean_up_environments() -> list[str]:
-            removed = remove_idle(aws.environment_driver(config), config.application, logger=log)
-            log.info("removed %d idle production environment(s): %s", len(removed), ", ".join(removed) or "none")
-            return removed
+        def start_clean_up():
+            return start_removing_idle(aws.environment_driver(config), config.application, logger=log)
+
+        def environments_left() -> list[str]:
+            left = [e.name for e in aws.environment_driver(config).list(config.application) if e.stage == "production"]
+            log.info("production environments of %s now: %s", config.application, ", ".join(left) or "none")
+            return left
 
         # The address is the setup: the clean-up (teardown) runs even when the deploy fails or is killed.
         address = stack_task(
             config, "ensure_production_address", start_router, production_address,
             "The application's stable production address (router), created on first use; its stack is waited "
             "for in the triggerer.", pool=config.production_pool, retries=2, **config.environments.host_queue())
-        deployed = deploy(candidate, commit)
-        chain(approved, address, deployed)
-        deployed >> clean_up_environments().as_teardown(setups=address)
+        deploy = BlueGreenDeployOperator(
+            task_id="deploy", deploy=prepare, on_deployed=deployed, on_rolled_back=rolled_back,
+            op_kwargs={"candidate": candidate, "commit": commit}, aws_conn_id=config.aws.conn_id,
+            region_name=config.aws.region, poll_interval=STACK_POLL_INTERVAL, timeout=STACK_TIMEOUT,
+            pool=config.production_pool, doc_md="Blue/green: green up, health, smoke tests, switch, health "
+            "watched, blue drained and removed; stack and health waits in the triggerer.",
+            **config.environments.host_queue())
+        clean_up = StackOperator(
+            task_id="clean_up_environments", start=start_clean_up, finish=environments_left,
+            aws_conn_id=config.aws.conn_id, region_name=config.aws.region, poll_interval=STACK_POLL_INTERVAL,
+            timeout=STACK_TIMEOUT, pool=config.production_pool,
+            doc_md="Removes every production environment that takes no traffic (a killed deploy's green, a blue "
+            "not yet retired); stack deletes are waited for in the triggerer.", **config.environments.host_queue())
+        chain(approved, address, deploy)
+        deploy >> clean_up.as_teardown(setups=address)
     return group

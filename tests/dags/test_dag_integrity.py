@@ -246,7 +246,8 @@ def test_production_asks_then_deploys_in_a_one_slot_pool(parsed):
 # Every wait on AWS happens in the triggerer: these tasks defer while a stack or an SSM command is in progress.
 STACK_WAITS = ("3-acceptance.provision_environment", "3-acceptance.teardown_environment",
                "6-capacity.provision_environment", "6-capacity.teardown_environment",
-               "7-pre-production.update_environment", "8-production.ensure_production_address")
+               "7-pre-production.update_environment", "8-production.ensure_production_address",
+               "8-production.clean_up_environments")
 SSM_WAITS = ("1-baking.provision_builder", "3-acceptance.install_artifact")
 
 
@@ -256,6 +257,8 @@ def test_waits_on_aws_hold_no_worker_slot(parsed):
         assert tasks[name]["type"] == "StackOperator" and tasks[name]["deferrable"], name
     for name in SSM_WAITS:
         assert tasks[name]["type"] == "ProvisionInstanceOperator" and tasks[name]["deferrable"], name
+    # The blue/green deploy: green's stack, its health behind the load balancer, the drain, blue's removal.
+    assert tasks["8-production.deploy"]["type"] == "BlueGreenDeployOperator" and tasks["8-production.deploy"]["deferrable"]
     assert tasks["1-baking.provision_builder"]["upstream"] == ["1-baking.launch_builder", "resolve_commit"]
     assert set(tasks["3-acceptance.install_artifact"]["upstream"]) == {
         "3-acceptance.launch_image_builder", "3-acceptance.select_inputs", "resolve_commit"}

@@ -487,3 +487,93 @@ def test_without_a_service_role_no_role_arn_is_passed(aws, driver, images, monke
 
     assert len(calls) == 6 and {call[2] for call in calls} == {None}
     assert set(roles.values()) == {None}  # CloudFormation acts with the caller's credentials, as before
+
+
+# ---------------------------------------------------------------------- the deploy task (BlueGreenDeployOperator)
+
+
+def held_in_progress(driver, monkeypatch):
+    """Every stack the driver creates stays CREATE_IN_PROGRESS (moto completes them at once)."""
+    from moto.cloudformation.models import cloudformation_backends
+    from moto.core import DEFAULT_ACCOUNT_ID
+
+    held = []
+    start_provision = driver.start_provision
+
+    def holding(spec):
+        pending = start_provision(spec)
+        if pending and pending.operation == "create":
+            fake = next(s for s in cloudformation_backends[DEFAULT_ACCOUNT_ID][REGION].stacks.values()
+                        if s.name == pending.stack and s.status != "DELETE_COMPLETE")
+            if fake.status == "CREATE_COMPLETE" and fake.name not in [f.name for f in held]:
+                fake.status = "CREATE_IN_PROGRESS"
+                held.append(fake)
+        return pending
+
+    monkeypatch.setattr(driver, "start_provision", holding)
+    return held
+
+
+@pytest.fixture
+def deploy_task(aws, driver, images, monkeypatch):
+    import json
+
+    from deployline.blue_green_operator import BlueGreenDeployOperator
+    from deployline.config import Production
+    from deployline.deployments import BlueGreen
+
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(
+        {"conn_type": "aws", "login": "testing", "password": "testing", "extra": {"region_name": REGION}}))
+    outcomes, smoked = {}, []
+
+    def make(version):
+        return BlueGreenDeployOperator(
+            task_id="deploy", op_kwargs={"version": version}, region_name=REGION,
+            deploy=lambda version: BlueGreen(driver, spec_for(images, version),
+                                             Production(drain_seconds=0, verify_seconds=0.5, check_interval=0.1),
+                                             health_path="/health", health_timeout=10, smoke=smoked.append),
+            on_deployed=lambda deployed, state, version: outcomes.setdefault("deployed", deployed),
+            on_rolled_back=lambda error, state, version: outcomes.setdefault("rolled_back", error))
+
+    return make, outcomes, smoked
+
+
+def test_the_deploy_task_waits_for_greens_stack_in_the_triggerer(aws, driver, deploy_task, monkeypatch):
+    from airflow.sdk.exceptions import TaskDeferred
+    from deployline.stack_readiness import StackSettledTrigger
+
+    make, outcomes, smoked = deploy_task
+    held = held_in_progress(driver, monkeypatch)
+    with pytest.raises(TaskDeferred) as deferred:
+        make("1.0.0").execute(context={})
+    trigger, state = deferred.value.trigger, deferred.value.kwargs["state"]
+    green = environment_name(APP, "production", "1.0.0")
+    assert isinstance(trigger, StackSettledTrigger) and (trigger.stack_name, trigger.operation) == (green, "create")
+    assert state["phase"] == "provision" and state["waiting"] == {"stack": green, "operation": "create"}
+    assert smoked == [] and driver.router(APP).live is None  # nothing switched while green is being made
+
+    held[0].status = "CREATE_COMPLETE"
+    make("1.0.0").resume({}, event={"status": "success", "stack_name": green, "operation": "create"}, state=state)
+    deployed = outcomes["deployed"]
+    assert deployed.result == "deployed" and driver.router(APP).live == green
+    assert smoked == [driver.router(APP).details["TestUrl"], deployed.endpoint]  # green's address, then production
+
+
+def test_a_failed_green_stack_rolls_the_deploy_back(aws, driver, images, deploy_task, monkeypatch):
+    from airflow.sdk.exceptions import TaskDeferred
+    from deployline.deployments import RolledBack
+
+    make, outcomes, smoked = deploy_task
+    make("1.0.0").execute(context={})  # the first release, not held
+    held = held_in_progress(driver, monkeypatch)
+    with pytest.raises(TaskDeferred) as deferred:
+        make("1.1.0").execute(context={})
+    green = environment_name(APP, "production", "1.1.0")
+    held[0].status = "ROLLBACK_COMPLETE"  # what CloudFormation does when an instance does not come up
+    event = {"status": "error", "stack_name": green, "operation": "create", "stack_status": "ROLLBACK_COMPLETE",
+             "message": "create of stack ended ROLLBACK_COMPLETE: Instances: the subnet is in use"}
+    with pytest.raises(RolledBack) as caught:
+        make("1.1.0").resume({}, event=event, state=deferred.value.kwargs["state"])
+    assert caught.value.restored == "1.0.0" and "the subnet is in use" in caught.value.reason
+    assert outcomes["rolled_back"] is caught.value
+    assert driver.get(green) is None and driver.router(APP).live == environment_name(APP, "production", "1.0.0")

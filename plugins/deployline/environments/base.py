@@ -182,6 +182,10 @@ class EnvironmentDriver(ABC):
         self.ensure_router(application)
         return None
 
+    def wait_for(self, operation: StackOperation) -> None:
+        """Blocking: until ``operation`` (from a ``start_*``) has ended; EnvironmentFailed if it failed."""
+        raise EnvironmentFailed(f"the {self.name} driver started no stack operation to wait for: {operation}")
+
     def endpoint(self, name: str) -> str:
         info = self.get(name)
         if info is None:

@@ -583,6 +583,9 @@ class CloudFormationDriver(EnvironmentDriver):
             self._wait(pending.stack, WAITERS[pending.operation], pending.operation)
         raise EnvironmentFailed(f"stack {pending.stack}: still not done after {MAX_ROUNDS} operations")
 
+    def wait_for(self, operation: StackOperation) -> None:
+        self._wait(operation.stack, WAITERS[operation.operation], operation.operation)
+
     def _require(self, name: str, action: str) -> EnvironmentInfo:
         stack = self._describe(name)
         if stack is None:
