@@ -73,16 +73,17 @@ def preproduction_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
         def ensure_pools() -> None:
             api = api_from_connection()
             if api is None:
-                log.warning("no deployline_api connection: create the pools %s and %s (1 slot each) yourself, "
-                            "counting deferred tasks, e.g. `airflow pools set %s 1 'one deploy at a time' --include-deferred`", config.preproduction_pool,
-                            config.production_pool, config.production_pool)
+                log.warning("no deployline_api connection: create the pools %s and %s (1 slot each, counting "
+                            "deferred tasks) yourself, e.g. `airflow pools set %s 1 'one deploy at a time' "
+                            "--include-deferred`", config.preproduction_pool, config.production_pool,
+                            config.production_pool)
                 return
             for pool in (config.preproduction_pool, config.production_pool):
                 existing = {p["name"]: p for p in api.get("/pools", limit=1000)["pools"]}
                 if pool in existing and not existing[pool]["include_deferred"]:
                     # Made before deploys deferred: a waiting deploy must keep its slot.
-                    api.request("PATCH", f"/pools/{pool}", idempotent=True, params={"update_mask": "include_deferred"},
-                                json={"include_deferred": True})
+                    api.request("PATCH", f"/pools/{pool}", idempotent=True,
+                                params={"update_mask": "include_deferred"}, json={"include_deferred": True})
                     log.info("pool %s now counts deferred tasks", pool)
                 if pool not in existing:
                     # Sent again on SQLite's "Database error"; a pool made meanwhile (409) is as good.

@@ -26,7 +26,8 @@ from airflow.sdk.exceptions import AirflowFailException
 from deployline import aws
 from deployline.config import PipelineConfig
 from deployline.dag_defaults import START_DATE, default_args, with_trigger_form
-from deployline.environments.base import EnvironmentSpec, environment_name
+from deployline.environment_tasks import stack_task
+from deployline.environments.base import EnvironmentFailed, EnvironmentSpec, StackOperation, environment_name
 from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry
 
@@ -225,17 +226,45 @@ def launch_spec(config: PipelineConfig, request: dict, run_id: str) -> Environme
     )
 
 
-def provision(driver, config: PipelineConfig, request: dict, run_id: str) -> dict:
-    """Start the environment, or reuse (and resize) the one of the same owner and version."""
-    before = driver.get(request["name"])
-    info = driver.provision(launch_spec(config, request, run_id))
-    if info.size != request["size"]:
-        info = driver.resize(request["name"], request["size"])
+def start_launch(driver, config: PipelineConfig, request: dict, run_id: str) -> StackOperation | None:
+    """Start the environment (or find the one of the same owner and version) and bring it to the
+    requested size; the stack operation to wait for, or None when it is there (call again after it)."""
+    pending = driver.start_provision(launch_spec(config, request, run_id))
+    if pending:
+        return pending
+    info = driver.get(request["name"])
+    if info is not None and info.size != request["size"]:
+        return driver.start_resize(request["name"], request["size"])
+    return None
+
+
+def launched(driver, request: dict, run_id: str, existed: bool) -> dict:
+    """What ``start_launch`` made or reused; ``existed``: whether it was there before the launch."""
+    info = driver.get(request["name"])
+    if info is None:
+        raise EnvironmentFailed(f"self-service environment {request['name']} is gone after its stack settled")
     # The driver keeps the labels of the launch that created it: that launch's run id says
     # whether this run made it (a retry of this task too), else whether it existed before.
-    created = info.labels["run_id"] == run_id if "run_id" in info.labels else before is None
+    created = info.labels["run_id"] == run_id if "run_id" in info.labels else not existed
     return {"name": info.name, "endpoint": info.endpoint, "size": info.size, "created": created,
             "created_at": info.created_at, "labels": dict(info.labels)}
+
+
+def provision(driver, config: PipelineConfig, request: dict, run_id: str) -> dict:
+    """Start the environment, or reuse (and resize) the one of the same owner and version (waiting here)."""
+    existed = driver.get(request["name"]) is not None
+    _complete(driver, lambda: start_launch(driver, config, request, run_id))
+    return launched(driver, request, run_id, existed)
+
+
+def _complete(driver, start) -> None:
+    """Blocking: ``start()`` and wait for what it started until nothing is left (what StackOperator defers)."""
+    for _ in range(10):
+        pending = start()
+        if pending is None:
+            return
+        driver.wait_for(pending)
+    raise EnvironmentFailed("still not done after 10 stack operations")
 
 
 def smoke_test(endpoint: str, health_path: str, expected_version: str, timeout: float = SMOKE_TIMEOUT) -> dict:
@@ -309,16 +338,31 @@ def owned_environments(driver, application: str, owner: str) -> list:
     return [e for e in driver.list(application) if e.stage == STAGE and e.labels.get("owner") == owner]
 
 
-def destroy_environments(driver, registry: ReleaseRegistry, application: str, request: dict, run_id: str,
-                         now: datetime) -> dict:
-    """Tear down the environment the request names (or all of the owner's); nothing there is fine."""
+def destroy_targets(driver, application: str, request: dict) -> list[dict]:
+    """What a destroy request removes: the environment it names (or all of the owner's), each with
+    whether it exists now."""
     if request["name"]:
         targets = [(request["name"], request["version"])]
     else:
         targets = [(e.name, e.version) for e in owned_environments(driver, application, request["owner"])]
+    return [{"name": name, "version": version, "existed": driver.get(name) is not None} for name, version in targets]
+
+
+def start_destroying(driver, targets: list[dict]) -> StackOperation | None:
+    """Start removing the next target still there; the stack operation to wait for, or None when all are gone."""
+    for target in targets:
+        pending = driver.start_teardown(target["name"])
+        if pending:
+            return pending
+    return None
+
+
+def record_destroyed(driver, registry: ReleaseRegistry, application: str, request: dict, targets: list[dict],
+                     run_id: str, now: datetime) -> dict:
+    """The registry's entries of removed ``targets`` marked destroyed; what was removed and what was not there."""
     result = {"destroyed": [], "not_found": []}
-    for name, version in targets:
-        removed = driver.teardown(name)
+    for target in targets:
+        name, version, removed = target["name"], target["version"], target["existed"]
         entry = environment_entry(registry, version, name)
         if removed or (entry and entry.get("state") == "running"):
             update_entry(registry, version, name, state="destroyed", destroyed_at=iso(now), destroyed_by=run_id)
@@ -334,9 +378,18 @@ def destroy_environments(driver, registry: ReleaseRegistry, application: str, re
     return result
 
 
-def reap_expired(driver, registry: ReleaseRegistry, application: str, now: datetime) -> dict:
-    """Tear down the self-service environments of ``application`` whose expiry has passed."""
-    result = {"removed": [], "kept": [], "no_expiry": []}
+def destroy_environments(driver, registry: ReleaseRegistry, application: str, request: dict, run_id: str,
+                         now: datetime) -> dict:
+    """Tear down the environment the request names (or all of the owner's), waiting here; nothing there is fine."""
+    targets = destroy_targets(driver, application, request)
+    _complete(driver, lambda: start_destroying(driver, targets))
+    return record_destroyed(driver, registry, application, request, targets, run_id, now)
+
+
+def expired_environments(driver, registry: ReleaseRegistry, application: str, now: datetime) -> dict:
+    """The self-service environments of ``application`` whose expiry has passed (``expired``), and the
+    names of those kept (``kept``, ``no_expiry``)."""
+    plan = {"expired": [], "kept": [], "no_expiry": []}
     records: dict[str, dict] = {}
     for env in driver.list(application):
         if env.stage != STAGE:
@@ -352,19 +405,33 @@ def reap_expired(driver, registry: ReleaseRegistry, application: str, now: datet
         if expires is None:
             log.warning("kept %s (%s of %s): no expiry in its labels nor in the registry", env.name, env.version,
                         owner)
-            result["no_expiry"].append(env.name)
+            plan["no_expiry"].append(env.name)
         elif expires > now:
             log.info("kept %s (%s of %s): expires %s", env.name, env.version, owner, iso(expires))
-            result["kept"].append(env.name)
+            plan["kept"].append(env.name)
         else:
-            removed = driver.teardown(env.name)
-            log.info("%s %s (%s of %s, %s): expired %s", "removed" if removed else "already gone:", env.name,
-                     env.version, owner, env.endpoint, iso(expires))
-            if records[env.version]:
-                update_entry(registry, env.version, env.name, state="expired", removed_at=iso(now),
-                             expires_at=iso(expires))
-            result["removed"].append(env.name)
-    return result
+            plan["expired"].append({"name": env.name, "version": env.version, "owner": owner,
+                                    "endpoint": env.endpoint, "expires_at": iso(expires),
+                                    "recorded": bool(records[env.version])})
+    return plan
+
+
+def record_reaped(registry: ReleaseRegistry, plan: dict, now: datetime) -> dict:
+    """The removed environments of ``plan`` marked expired in the registry; the reaper's result."""
+    for env in plan["expired"]:
+        log.info("removed %s (%s of %s, %s): expired %s", env["name"], env["version"], env["owner"], env["endpoint"],
+                 env["expires_at"])
+        if env["recorded"]:
+            update_entry(registry, env["version"], env["name"], state="expired", removed_at=iso(now),
+                         expires_at=env["expires_at"])
+    return {"removed": [e["name"] for e in plan["expired"]], "kept": plan["kept"], "no_expiry": plan["no_expiry"]}
+
+
+def reap_expired(driver, registry: ReleaseRegistry, application: str, now: datetime) -> dict:
+    """Tear down the self-service environments of ``application`` whose expiry has passed (waiting here)."""
+    plan = expired_environments(driver, registry, application, now)
+    _complete(driver, lambda: start_destroying(driver, plan["expired"]))
+    return record_reaped(registry, plan, now)
 
 
 # ---------------------------------------------------------------------- the DAGs
@@ -478,9 +545,17 @@ def build_self_service_dag(config: PipelineConfig) -> DAG:
         def choose_action(request: dict) -> str:
             return "provision_environment" if request["action"] == "launch" else "destroy_environment"
 
-        @task(task_id="provision_environment", retries=1, **envs.host_queue())
-        def provision_environment(request: dict) -> dict:
-            environment = provision(aws.environment_driver(config), config, request, get_current_context()["run_id"])
+        def run_id() -> str:
+            return get_current_context()["run_id"]
+
+        def plan_launch(request: dict) -> dict:
+            return {"existed": aws.environment_driver(config).get(request["name"]) is not None}
+
+        def start_launching(request: dict, plan: dict):
+            return start_launch(aws.environment_driver(config), config, request, run_id())
+
+        def launch_result(request: dict, plan: dict) -> dict:
+            environment = launched(aws.environment_driver(config), request, run_id(), plan["existed"])
             log.info("%s environment %s at %s (size %d)", "new" if environment["created"] else "reusing",
                      environment["name"], environment["endpoint"], environment["size"])
             return environment
@@ -510,37 +585,55 @@ def build_self_service_dag(config: PipelineConfig) -> DAG:
                      request["owner"], entry["url"], entry["size"], entry["expires_at"], bar)
             return {"name": request["name"], **entry}
 
-        @task(task_id="remove_failed_launch", **envs.host_queue())
-        def remove_failed_launch(environment: dict, request: dict) -> None:
+        def plan_removal(environment: dict, request: dict) -> dict:
             # A teardown: it runs once the launch is over, whatever happened, and removes only what a
             # failed launch made. A launch is complete when record_environment returned.
-            ctx = get_current_context()
-            if ctx["ti"].xcom_pull(task_ids="record_environment"):
-                log.info("the launch succeeded: %s stays up until it is destroyed or expires", environment["name"])
-                return
+            if get_current_context()["ti"].xcom_pull(task_ids="record_environment"):
+                return {"remove": False, "why": "the launch succeeded: up until it is destroyed or expires"}
             if not environment["created"]:
-                log.info("kept environment %s: an earlier, successful launch (%s) made it", environment["name"],
-                         environment["labels"].get("run_id"))
-                return
-            removed = aws.environment_driver(config).teardown(environment["name"])
-            update_entry(ReleaseRegistry.for_config(config), request["version"], environment["name"], state="failed",
-                         removed_at=iso(datetime.now(UTC)), run_id=ctx["run_id"])
-            log.info("this launch failed: environment %s %s", environment["name"],
-                     "removed" if removed else "was already gone")
+                maker = environment["labels"].get("run_id")
+                return {"remove": False, "why": f"an earlier, successful launch ({maker}) made it"}
+            return {"remove": True, "why": "this launch failed"}
 
-        @task(task_id="destroy_environment", retries=1, **envs.host_queue())
-        def destroy_environment(request: dict) -> dict:
-            return destroy_environments(aws.environment_driver(config), ReleaseRegistry.for_config(config), app,
-                                        request, get_current_context()["run_id"], datetime.now(UTC))
+        def start_removal(environment: dict, request: dict, plan: dict):
+            return aws.environment_driver(config).start_teardown(environment["name"]) if plan["remove"] else None
+
+        def removal_result(environment: dict, request: dict, plan: dict) -> None:
+            if plan["remove"]:
+                update_entry(ReleaseRegistry.for_config(config), request["version"], environment["name"],
+                             state="failed", removed_at=iso(datetime.now(UTC)), run_id=run_id())
+            log.info("environment %s %s: %s", environment["name"], "removed" if plan["remove"] else "kept", plan["why"])
+
+        def plan_destroy(request: dict) -> list[dict]:
+            return destroy_targets(aws.environment_driver(config), app, request)
+
+        def start_destroy(request: dict, plan: list[dict]):
+            return start_destroying(aws.environment_driver(config), plan)
+
+        def destroy_result(request: dict, plan: list[dict]) -> dict:
+            return record_destroyed(aws.environment_driver(config), ReleaseRegistry.for_config(config), app, request,
+                                    plan, run_id(), datetime.now(UTC))
 
         request = validate_request()
         branch = choose_action(request)
-        environment = provision_environment(request)
+        environment = stack_task(
+            config, "provision_environment", start_launching, launch_result,
+            "Starts the environment (or reuses the owner's one of this version) at the requested size; its "
+            "stack is waited for in the triggerer.", op_kwargs={"request": request}, plan=plan_launch, retries=1,
+            **envs.host_queue())
         endpoint = wait_until_healthy(environment)
         checked = smoke(endpoint, request)
         recorded = record_environment(environment, request, checked)
-        chain(branch, [environment, destroy_environment(request)])
-        recorded >> remove_failed_launch(environment, request).as_teardown(setups=environment)
+        destroyed = stack_task(
+            config, "destroy_environment", start_destroy, destroy_result,
+            "Removes the named environment (or all of the owner's); stack deletes are waited for in the "
+            "triggerer.", op_kwargs={"request": request}, plan=plan_destroy, retries=1, **envs.host_queue())
+        chain(branch, [environment, destroyed])
+        removal = stack_task(
+            config, "remove_failed_launch", start_removal, removal_result,
+            "Teardown: removes what a failed launch made (nothing when it succeeded or reused an environment).",
+            op_kwargs={"environment": environment, "request": request}, plan=plan_removal, **envs.host_queue())
+        recorded >> removal.operator.as_teardown(setups=environment.operator)
     return with_trigger_form(dag, form)
 
 
@@ -562,12 +655,20 @@ def build_reaper_dag(configs: list[PipelineConfig]) -> DAG:
 
 
 def _reap_task(config: PipelineConfig):
-    @task(task_id=f"reap_{config.application}", **config.environments.host_queue())
-    def reap() -> dict:
-        result = reap_expired(aws.environment_driver(config), ReleaseRegistry.for_config(config),
-                              config.application, datetime.now(UTC))
-        log.info("%s: removed %d, kept %d, without expiry %d", config.application, len(result["removed"]),
+    def plan(application: str) -> dict:
+        return expired_environments(aws.environment_driver(config), ReleaseRegistry.for_config(config), application,
+                                    datetime.now(UTC))
+
+    def start(application: str, plan: dict):
+        return start_destroying(aws.environment_driver(config), plan["expired"])
+
+    def finish(application: str, plan: dict) -> dict:
+        result = record_reaped(ReleaseRegistry.for_config(config), plan, datetime.now(UTC))
+        log.info("%s: removed %d, kept %d, without expiry %d", application, len(result["removed"]),
                  len(result["kept"]), len(result["no_expiry"]))
         return result
 
-    return reap()
+    return stack_task(config, f"reap_{config.application}", start, finish,
+                      f"Removes the expired self-service environments of {config.application}; stack deletes are "
+                      "waited for in the triggerer.", op_kwargs={"application": config.application}, plan=plan,
+                      **config.environments.host_queue())

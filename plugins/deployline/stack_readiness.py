@@ -158,6 +158,9 @@ class StackOperator(BaseOperator):
     :param start: starts the next operation; returns what to wait for, or None
     :param finish: the task's return value, once ``start`` has nothing left to wait for
     :param op_kwargs: keyword arguments for both (templated: XComArgs are resolved)
+    :param plan: decides once, before the first ``start``, what the task acts on (``plan(**op_kwargs)``,
+        JSON); ``start`` and ``finish`` then also get it as ``plan=``, through every wait: what was
+        there before the first delete, for example
     :param aws_conn_id: the Airflow AWS connection the trigger uses (the driver's)
     :param region_name: AWS region (default: the connection's)
     :param deferrable: wait in the triggerer (True) or in this task, blocking a worker slot (False)
@@ -181,9 +184,11 @@ class StackOperator(BaseOperator):
         poll_interval: int = 15,
         timeout: float = 3600,
         max_rounds: int = 10,
+        plan: Callable[..., Any] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.plan = plan
         self.start = start
         self.finish = finish
         self.op_kwargs = op_kwargs or {}
@@ -195,22 +200,25 @@ class StackOperator(BaseOperator):
         self.max_rounds = max_rounds
 
     def execute(self, context) -> Any:
-        return self._go_on(0)
+        if self.plan is None:
+            return self._go_on(0, {})
+        return self._go_on(0, {"plan": self.plan(**self.op_kwargs)})
 
     def resume(self, context, event: dict[str, Any] | None = None, pending: dict | None = None,
-               rounds: int = 1) -> Any:
+               rounds: int = 1, planned: dict | None = None) -> Any:
         """Back from :class:`StackSettledTrigger`: fail with its reasons, or start the next operation."""
         problem = stack_event_problem(event, pending or {})
         if problem:
             raise StackFailed(problem)
         self.log.info("%s of stack %s done", pending["operation"], pending["stack"])
-        return self._go_on(rounds)
+        return self._go_on(rounds, planned or {})
 
-    def _go_on(self, rounds: int) -> Any:
+    def _go_on(self, rounds: int, planned: dict) -> Any:
+        kwargs = self.op_kwargs | planned
         while True:
-            pending = self.start(**self.op_kwargs)
+            pending = self.start(**kwargs)
             if pending is None:
-                return self.finish(**self.op_kwargs)
+                return self.finish(**kwargs)
             if rounds >= self.max_rounds:
                 raise AirflowFailException(f"stack {pending.stack}: still not done after {rounds} operations")
             rounds += 1
@@ -219,7 +227,7 @@ class StackOperator(BaseOperator):
             self.log.info("waiting for %s of stack %s", pending.operation, pending.stack)
             if self.deferrable:
                 self.defer(trigger=self._trigger(pending), method_name="resume",
-                           kwargs={"pending": pending.to_dict(), "rounds": rounds},
+                           kwargs={"pending": pending.to_dict(), "rounds": rounds, "planned": planned},
                            timeout=timedelta(seconds=self.timeout + 4 * self.poll_interval))
             self._wait_here(pending)
 

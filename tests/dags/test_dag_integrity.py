@@ -258,7 +258,8 @@ def test_waits_on_aws_hold_no_worker_slot(parsed):
     for name in SSM_WAITS:
         assert tasks[name]["type"] == "ProvisionInstanceOperator" and tasks[name]["deferrable"], name
     # The blue/green deploy: green's stack, its health behind the load balancer, the drain, blue's removal.
-    assert tasks["8-production.deploy"]["type"] == "BlueGreenDeployOperator" and tasks["8-production.deploy"]["deferrable"]
+    deploy = tasks["8-production.deploy"]
+    assert deploy["type"] == "BlueGreenDeployOperator" and deploy["deferrable"]
     assert tasks["1-baking.provision_builder"]["upstream"] == ["1-baking.launch_builder", "resolve_commit"]
     assert set(tasks["3-acceptance.install_artifact"]["upstream"]) == {
         "3-acceptance.launch_image_builder", "3-acceptance.select_inputs", "resolve_commit"}

@@ -204,7 +204,7 @@ def test_the_operator_defers_to_the_trigger_then_goes_on(monkeypatch):
     with pytest.raises(TaskDeferred) as deferred:
         op.execute({})
     assert deferred.value.method_name == "resume"
-    assert deferred.value.kwargs == {"pending": {"stack": "dl-a", "operation": "delete"}, "rounds": 1}
+    assert deferred.value.kwargs == {"pending": {"stack": "dl-a", "operation": "delete"}, "rounds": 1, "planned": {}}
     _, kwargs = deferred.value.trigger.serialize()
     assert (kwargs["stack_name"], kwargs["operation"]) == ("dl-a", "delete")
     assert (kwargs["waiter_delay"], kwargs["waiter_max_attempts"]) == (5, 12)
@@ -213,7 +213,7 @@ def test_the_operator_defers_to_the_trigger_then_goes_on(monkeypatch):
     ok = {"status": "success", "stack_name": "dl-a", "operation": "delete"}
     with pytest.raises(TaskDeferred) as again:
         op.resume({}, event=ok, **deferred.value.kwargs)
-    assert again.value.kwargs == {"pending": {"stack": "dl-a", "operation": "create"}, "rounds": 2}
+    assert again.value.kwargs == {"pending": {"stack": "dl-a", "operation": "create"}, "rounds": 2, "planned": {}}
     assert op.resume({}, event=ok | {"operation": "create"}, **again.value.kwargs) == "done"
 
 
@@ -275,3 +275,18 @@ def test_op_kwargs_reach_start_and_finish():
                        op_kwargs={"name": "dl-b"})
     assert op.execute({}) == "DL-B" and seen == ["dl-b"]
     assert op.template_fields == ("op_kwargs",)
+
+
+def test_the_plan_is_made_once_and_travels_through_every_wait(monkeypatch):
+    """What the task acts on is decided before the first delete (the stack is gone after it)."""
+    monkeypatch.setattr(stack_readiness, "settled_now", lambda *args: False)
+    planned, pending = [], [StackOperation("dl-c", "delete"), None]
+    op = StackOperator(task_id="step", op_kwargs={"name": "dl-c"},
+                       plan=lambda name: planned.append(name) or {"existed": [name]},
+                       start=lambda name, plan: pending.pop(0),
+                       finish=lambda name, plan: {"removed": plan["existed"]})
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({})
+    assert deferred.value.kwargs["planned"] == {"plan": {"existed": ["dl-c"]}}
+    ok = {"status": "success", "stack_name": "dl-c", "operation": "delete"}
+    assert op.resume({}, event=ok, **deferred.value.kwargs) == {"removed": ["dl-c"]} and planned == ["dl-c"]
