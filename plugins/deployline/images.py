@@ -259,6 +259,22 @@ def send_provisioning(
     A builder whose SSM agent has not registered yet is retried for ``delivery_timeout`` seconds
     (the agent registers a little after the instance is running).
     """
+    delivery_deadline = time.monotonic() + delivery_timeout
+    while True:
+        command_id = try_send_provisioning(ssm_client, instance_id, script, timeout, comment,
+                                           delivery_timeout=delivery_timeout)
+        if command_id:
+            return command_id
+        if time.monotonic() > delivery_deadline:
+            raise ImageError(f"provisioning {instance_id}: its SSM agent did not register in {delivery_timeout}s")
+        log.info("SSM agent on %s not registered yet; retrying", instance_id)
+        time.sleep(poll_interval)
+
+
+def try_send_provisioning(ssm_client, instance_id: str, script: str, timeout: int, comment: str = "", *,
+                          delivery_timeout: int = 600) -> str | None:
+    """One ``send_provisioning`` try: the command id, or None while the instance's SSM agent is not
+    registered (``InvalidInstanceId``); any other refusal raises ImageError."""
     token = hashlib.sha256(f"{instance_id}\0{script}".encode()).hexdigest()[:12]
     request = {
         "InstanceIds": [instance_id],
@@ -267,16 +283,12 @@ def send_provisioning(
         "TimeoutSeconds": max(30, min(int(delivery_timeout), 2592000)),
         "Comment": comment[:100],
     }
-    delivery_deadline = time.monotonic() + delivery_timeout
-    while True:
-        try:
-            command_id = ssm_client.send_command(**request)["Command"]["CommandId"]
-            break
-        except ClientError as exc:
-            if _error_code(exc) != "InvalidInstanceId" or time.monotonic() > delivery_deadline:
-                raise ImageError(f"provisioning {instance_id}: send_command failed: {exc}") from exc
-            log.info("SSM agent on %s not registered yet; retrying", instance_id)
-            time.sleep(poll_interval)
+    try:
+        command_id = ssm_client.send_command(**request)["Command"]["CommandId"]
+    except ClientError as exc:
+        if _error_code(exc) != "InvalidInstanceId":
+            raise ImageError(f"provisioning {instance_id}: send_command failed: {exc}") from exc
+        return None
     log.info("provisioning %s: SSM command %s", instance_id, command_id)
     return command_id
 

@@ -5,14 +5,15 @@ the command's invocations once, at the start (right after ``send_command`` there
 it then reports success without waiting), and its failure carries no output. So this follows
 ``image_readiness``: an ``SsmHook`` that knows ``waiters/ssm.json`` (``command_done``: every
 terminal status other than ``Success`` is a failure at once), :class:`SsmCommandDoneTrigger` on
-it for one instance, and :class:`ProvisionInstanceOperator`, which sends the script (retrying
-while the instance's SSM agent is not registered), defers, and in ``execute_complete`` fails
+it for one instance, and :class:`ProvisionInstanceOperator`, which sends the script (while the
+instance's SSM agent is not registered, it defers and sends again), defers, and in ``execute_complete`` fails
 with the command's status, exit code and the tail of its stderr, or logs its output.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 from functools import cached_property
@@ -24,6 +25,7 @@ from airflow.providers.amazon.aws.exceptions import WaiterMaxAttemptsError
 from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from airflow.providers.amazon.aws.triggers.base import AwsBaseWaiterTrigger
 from airflow.providers.amazon.aws.utils.waiter_with_logging import async_wait
+from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
 from airflow.sdk import BaseOperator
 from airflow.triggers.base import TriggerEvent
 from botocore.exceptions import ClientError
@@ -122,6 +124,10 @@ class SsmCommandDoneTrigger(AwsBaseWaiterTrigger):
         yield TriggerEvent({"status": "success", **done})
 
 
+# A trigger that fires at once races the scheduler (see send): never wait less in the triggerer.
+MIN_DEFERRAL = 5
+
+
 class ProvisionInstanceOperator(BaseOperator):
     """Runs a shell script on an instance with SSM ``AWS-RunShellScript``; waits in the triggerer.
 
@@ -174,14 +180,26 @@ class ProvisionInstanceOperator(BaseOperator):
         return DeploylineSsmHook(aws_conn_id=self.aws_conn_id, region_name=self.region_name)
 
     def execute(self, context) -> str:
-        script, comment = self.script(**self.op_kwargs)
         if not self.deferrable:
+            script, comment = self.script(**self.op_kwargs)
             result = images.run_provisioning(self.hook.conn, self.instance_id, script, self.timeout, comment,
                                              poll_interval=self.poll_interval, delivery_timeout=self.delivery_timeout)
             return self._done(result)
-        command_id = images.send_provisioning(self.hook.conn, self.instance_id, script, self.timeout, comment,
-                                              poll_interval=self.poll_interval,
-                                              delivery_timeout=self.delivery_timeout)
+        return self.send(context, deadline=time.time() + self.delivery_timeout)
+
+    def send(self, context, event: Any = None, deadline: float = 0.0) -> str:
+        """Send the script; while the instance's SSM agent is not registered, look again later (deferred)."""
+        script, comment = self.script(**self.op_kwargs)
+        command_id = images.try_send_provisioning(self.hook.conn, self.instance_id, script, self.timeout, comment,
+                                                  delivery_timeout=self.delivery_timeout)
+        if command_id is None:
+            if time.time() >= deadline:
+                raise images.ImageError(f"provisioning {self.instance_id}: its SSM agent did not register in "
+                                        f"{self.delivery_timeout}s")
+            delay = max(self.poll_interval, MIN_DEFERRAL)
+            self.log.info("SSM agent on %s not registered yet; sending again in %ds", self.instance_id, delay)
+            self.defer(trigger=TimeDeltaTrigger(timedelta(seconds=delay)), method_name="send",
+                       kwargs={"deadline": deadline}, timeout=timedelta(seconds=delay * 4 + 60))
         # One look first, as the AMI sensor does: a command already over (a quick script, moto) needs
         # no deferral, and a deferral whose trigger fires at once races the scheduler's record of
         # it: the resumed task was killed ("the task shouldn't be running anymore", apache/airflow#71172).

@@ -162,6 +162,29 @@ def test_the_operator_sends_then_defers(ssm, monkeypatch):
     assert deferred.value.timeout.total_seconds() == 110
 
 
+def test_an_unregistered_agent_is_waited_for_in_the_triggerer(ssm, monkeypatch):
+    """The agent registers a little after the instance runs: send again later, holding no slot meanwhile."""
+    from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+
+    send = images.try_send_provisioning
+    answers = [None]  # the first send: InvalidInstanceId
+    monkeypatch.setattr(images, "try_send_provisioning",
+                        lambda *args, **kwargs: answers.pop(0) if answers else send(*args, **kwargs))
+    task, before = operator(), len(ssm.list_commands()["Commands"])
+    with pytest.raises(TaskDeferred) as deferred:
+        task.execute({})
+    assert isinstance(deferred.value.trigger, DateTimeTrigger) and deferred.value.method_name == "send"
+    assert len(ssm.list_commands()["Commands"]) == before  # nothing sent yet
+    command_id = task.send({}, event=deferred.value.trigger.moment, **deferred.value.kwargs)
+    assert ssm.list_commands(CommandId=command_id)["Commands"][0]["DocumentName"] == "AWS-RunShellScript"
+
+
+def test_an_agent_that_never_registers_fails_with_the_delivery_timeout(ssm, monkeypatch):
+    monkeypatch.setattr(images, "try_send_provisioning", lambda *args, **kwargs: None)
+    with pytest.raises(images.ImageError, match=f"provisioning {INSTANCE}: its SSM agent did not register in 30s"):
+        operator().send({}, event=None, deadline=time.time() - 1)
+
+
 def test_execute_complete_returns_the_command_on_success(command):
     command_id, found = command
     found.update(Status="Success", StandardOutputContent="provisioned\n")
