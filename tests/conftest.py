@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -6,8 +8,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Airflow reads its home when first imported: keep the test process out of ~/airflow.
-os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="deployline-tests-airflow-"))
+# Airflow reads its home when first imported: keep the test process out of ~/airflow (and
+# remove the one made here when the run ends).
+if "AIRFLOW_HOME" not in os.environ:
+    os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="deployline-tests-airflow-")
+    atexit.register(shutil.rmtree, os.environ["AIRFLOW_HOME"], ignore_errors=True)
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 # Git commits made by tests need an identity, whatever the machine's git config says.
