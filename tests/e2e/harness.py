@@ -167,8 +167,9 @@ def leftovers(e2e: E2E, stages: tuple[str, ...] = EPHEMERAL) -> dict[str, list]:
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             environ = proc.environ()
-            # This session's environments only (their processes inherit their host's work dir).
-            if "DEPLOYLINE_ENVIRONMENT" in environ and _work_dir_of(environ) == e2e.environments_dir.parent \
+            # This session's environments only (the driver names its folder in their environment).
+            if "DEPLOYLINE_ENVIRONMENT" in environ \
+                    and environ.get("DEPLOYLINE_ENVIRONMENTS_DIR") == str(e2e.environments_dir) \
                     and found.get(environ["DEPLOYLINE_ENVIRONMENT"], environ.get("DEPLOYLINE_STAGE")) in stages:
                 processes.append((proc.pid, " ".join(proc.info["cmdline"] or [])))
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
@@ -179,12 +180,6 @@ def leftovers(e2e: E2E, stages: tuple[str, ...] = EPHEMERAL) -> dict[str, list]:
         "environment_processes": processes,
         "environment_folders": sorted(name for name, stage in found.items() if stage in stages),
     }
-
-
-def _work_dir_of(environ: dict) -> Path | None:
-    if environ.get("DEPLOYLINE_WORK_DIR"):
-        return Path(environ["DEPLOYLINE_WORK_DIR"])
-    return Path(environ["AIRFLOW_HOME"]) / "deployline" if environ.get("AIRFLOW_HOME") else None
 
 
 def environments(e2e: E2E) -> dict[str, dict]:

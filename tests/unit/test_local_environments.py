@@ -118,6 +118,23 @@ def test_provision_runs_workers_behind_a_proxy_and_is_idempotent(driver, publish
     assert driver.wait_until_healthy(spec.name, "/health", timeout=20).endpoint == info.endpoint
 
 
+def test_the_application_sees_none_of_the_workers_secrets(driver, published, root, monkeypatch):
+    """An environment runs a commit's code: its processes get an allow-listed environment."""
+    secrets = {"AWS_SECRET_ACCESS_KEY": "worker-secret", "AIRFLOW_CONN_DEPLOYLINE_API": "http://admin:pw@x",
+               "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://airflow:pw@db/airflow", "PYTHONPATH": "/x"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    spec = make_spec(published["r1-abc"], "run-env")
+    driver.provision(spec)
+    for entry in state_of(root, spec.name)["processes"]:
+        environ = psutil.Process(entry["pid"]).environ()
+        assert not set(secrets) - {"PYTHONPATH"} & set(environ), entry
+        assert not any(v in value for v in secrets.values() for value in environ.values()), entry
+        assert environ["HOME"].startswith(str(root)) and environ["DEPLOYLINE_ENVIRONMENTS_DIR"] == str(root)
+        assert environ["DEPLOYLINE_ENVIRONMENT"] == spec.name and environ["DEPLOYLINE_STAGE"] == spec.stage
+    assert driver.wait_until_healthy(spec.name, "/health", timeout=20)
+
+
 def test_teardown_kills_every_process_even_if_some_are_dead(driver, published, root):
     spec = make_spec(published["r1-abc"], "run-teardown")
     info = driver.provision(spec)

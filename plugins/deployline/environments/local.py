@@ -32,6 +32,7 @@ import psutil
 
 import deployline
 from deployline import artifacts
+from deployline.commands import command_environment
 from deployline.config import LocalDriverSettings
 from deployline.environments.base import (
     EnvironmentDriver,
@@ -375,19 +376,23 @@ class LocalDriver(EnvironmentDriver):
 
     def _start(self, state: dict, entry: dict) -> None:
         folder = self._folder(state["name"])
-        env = dict(os.environ)
+        home = folder / "home"
+        home.mkdir(exist_ok=True)
+        # Allow-listed, as for a commit's commands: the application never sees the worker's
+        # credentials. DEPLOYLINE_ENVIRONMENT(S_DIR) name the processes of an environment (not secret).
+        env = command_environment(home, {"DEPLOYLINE_ENVIRONMENT": state["name"], "DEPLOYLINE_STAGE": state["stage"],
+                                         "DEPLOYLINE_ENVIRONMENTS_DIR": str(self.root)})
         if entry["role"] == "worker":
             command = ["bash", "-c", self.settings.start_command.format(port=entry["port"])]
             cwd = folder / entry.get("release", "release")
             env.update(self.settings.env)
-            env.update(DEPLOYLINE_ENVIRONMENT=state["name"], DEPLOYLINE_VERSION=state["version"],
-                       DEPLOYLINE_STAGE=state["stage"])
+            env["DEPLOYLINE_VERSION"] = state["version"]
         else:
             backends = str(folder / "backends.json")
             command = [sys.executable, "-m", "deployline.local_proxy", "--port", str(entry["port"]), "--backends",
                        backends]
             cwd = folder
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PLUGINS_DIR), env.get("PYTHONPATH")) if p)
+            env["PYTHONPATH"] = str(_PLUGINS_DIR)
             state["endpoint"] = f"http://127.0.0.1:{entry['port']}"
         entry["log"] = str(folder / "logs" / f"{entry['role']}-{entry['port']}.log")
         with open(entry["log"], "ab") as log:
