@@ -11,6 +11,7 @@ import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -72,12 +73,24 @@ ServiceRoleArn = Annotated[str | None, BeforeValidator(_blank_is_none), AfterVal
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no coercion (``timeout: true`` is not 1 s, ``"5"`` is not 5); no .inf or .nan, which
+    # would make a threshold that can never fail.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Repository(_Strict):
     url: str = Field(min_length=1, description="Any git URL: local path, file://, https://, ssh://")
     branch: str = Field(default="main", min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        # A URL shows in logs, the DAG docs and rendered fields; a token in it would too.
+        parts = urlsplit(value) if "://" in value else None
+        if parts and (parts.password or (parts.username and parts.scheme in ("http", "https"))):
+            raise ValueError("credentials in the URL: put the login and token in the Airflow connection named by "
+                             "repository.conn_id, and the URL without them")
+        return value
     conn_id: str | None = Field(
         default=None, description="Airflow connection holding login/password (token) for https"
     )
@@ -350,7 +363,17 @@ def _describe(error: dict) -> str:
     return f"{field}: {problem}"
 
 
+# A pipeline config is a page of settings; a bigger file is a mistake (or an attack on every parse).
+MAX_CONFIG_BYTES = 256 * 1024
+
+
 def _parse_yaml(text: str):
+    # Aliases (*name) are refused: a few nested ones expand to billions of nodes (an "alias bomb").
+    try:
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=_FAST_YAML_LOADER)):
+            raise ValueError("YAML aliases (*name) are not allowed: write the values out")
+    except yaml.YAMLError:
+        pass  # explained by the load below, with line and column
     try:
         return yaml.load(text, Loader=_FAST_YAML_LOADER)  # a safe loader (CSafeLoader or SafeLoader)
     except yaml.YAMLError:
@@ -361,14 +384,21 @@ def _parse_yaml(text: str):
 def load_pipeline_config(path: str | os.PathLike, environ=None) -> PipelineConfig:
     path = Path(path)
     try:
-        raw = _parse_yaml(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        text = path.read_text(encoding="utf-8") if size <= MAX_CONFIG_BYTES else None
     except OSError as exc:
         raise PipelineConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    if text is None:
+        raise PipelineConfigError(f"{path}: {size} bytes, more than a pipeline config may have ({MAX_CONFIG_BYTES})")
+    try:
+        raw = _parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise PipelineConfigError(f"{path}: malformed YAML{where}: {problem}") from exc
+    except ValueError as exc:  # aliases
+        raise PipelineConfigError(f"{path}: {exc}") from exc
     if not isinstance(raw, dict):
         raise PipelineConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     try:

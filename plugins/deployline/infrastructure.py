@@ -109,8 +109,9 @@ Cidr = Annotated[str, AfterValidator(_cidr)]
 
 class NetworkSettings(_Strict):
     vpc_cidr: Cidr = "10.40.0.0/16"
-    public_subnet_cidrs: tuple[Cidr, Cidr] = ("10.40.0.0/24", "10.40.1.0/24")
-    private_subnet_cidrs: tuple[Cidr, Cidr] = ("10.40.10.0/24", "10.40.11.0/24")
+    # strict=False: YAML gives a list for the pair.
+    public_subnet_cidrs: tuple[Cidr, Cidr] = Field(default=("10.40.0.0/24", "10.40.1.0/24"), strict=False)
+    private_subnet_cidrs: tuple[Cidr, Cidr] = Field(default=("10.40.10.0/24", "10.40.11.0/24"), strict=False)
     nat_gateway: bool = Field(
         default=False, description="one NAT gateway for the private subnets (billed by the hour; moto: poorly)")
 

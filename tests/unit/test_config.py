@@ -161,3 +161,43 @@ def test_bad_stage_settings_are_named(tmp_path, block, expected):
     path = write(tmp_path, VALID + block + "\n")
     with pytest.raises(PipelineConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         load_pipeline_config(path, environ={"SHOP_REPO": "x"})
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (("timeout: 60", "timeout: true"), "commit_stage.build.timeout: Input should be a valid integer (got True)"),
+    (("timeout: 60", 'timeout: "60"'), "commit_stage.build.timeout: Input should be a valid integer (got '60')"),
+    (("aws:\n", "capacity: {expected: {users: 5, spawn_rate: 1, duration_seconds: 5, thresholds: {p95_ms: .inf}}}\n"
+               "aws:\n"), "capacity.expected.thresholds.p95_ms: Input should be a finite number (got inf)"),
+    (("aws:\n", "production: {verify_seconds: .nan}\naws:\n"),
+     "production.verify_seconds: Input should be a finite number (got nan)"),
+    (("${SHOP_REPO}", "https://deploy:ghp_secret@github.com/shop/shop.git"),
+     "repository.url: Value error, credentials in the URL: put the login and token in the Airflow connection"),
+    (("${SHOP_REPO}", "https://ghp_secret@github.com/shop/shop.git"), "repository.url: Value error, credentials"),
+])
+def test_no_coercion_no_infinity_no_credentials_in_urls(tmp_path, change, expected):
+    """``timeout: true`` is not 1 s, ``.inf`` a threshold that never fails, a token in a URL shows everywhere."""
+    path = write(tmp_path, VALID.replace(*change))
+    with pytest.raises(PipelineConfigError) as err:
+        load_pipeline_config(path, environ={"SHOP_REPO": "/srv/git/shop.git"})
+    assert str(err.value).startswith(f"{path}: ") and expected in str(err.value)
+
+
+def test_ssh_urls_keep_their_user(tmp_path):
+    for url in ("ssh://git@github.com/shop/shop.git", "git@github.com:shop/shop.git"):
+        config = load_pipeline_config(write(tmp_path, VALID.replace("${SHOP_REPO}", url)), environ={})
+        assert config.repository.url == url
+
+
+def test_yaml_aliases_are_refused(tmp_path):
+    """A few nested aliases expand to billions of nodes: every parse of the DAG files would pay."""
+    bomb = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(8)])
+    path = write(tmp_path, VALID + bomb + "\n")
+    with pytest.raises(PipelineConfigError, match=r"YAML aliases \(\*name\) are not allowed"):
+        load_pipeline_config(path, environ={"SHOP_REPO": "x"})
+
+
+def test_a_config_file_has_a_size_limit(tmp_path):
+    path = write(tmp_path, VALID + "#" + "x" * (256 * 1024) + "\n")
+    with pytest.raises(PipelineConfigError, match=r"bytes, more than a pipeline config may have \(262144\)"):
+        load_pipeline_config(path, environ={"SHOP_REPO": "x"})
