@@ -28,6 +28,7 @@ if str(ROOT / "plugins") not in sys.path:
 
 from deployline import embedded  # noqa: E402
 from deployline.airflow_api import AirflowApi  # noqa: E402
+from deployline.config import dump_config  # noqa: E402
 from deployline.sensors import pipeline_run_id  # noqa: E402
 
 APP = "sample_service"
@@ -133,7 +134,7 @@ def write_config(root: Path, changes: dict) -> Path:
     folder = root / "pipelines"
     folder.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load(DEMO_CONFIG.read_text()) | changes
-    (folder / DEMO_CONFIG.name).write_text(yaml.safe_dump(config))
+    (folder / DEMO_CONFIG.name).write_text(dump_config(config))
     return folder
 
 

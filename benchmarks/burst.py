@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE))
 
 from benchstack import DEMO_CONFIG, embedded_stack, loadavg  # noqa: E402
 from deployline import embedded  # noqa: E402
+from deployline.config import dump_config  # noqa: E402
 from deployline.sensors import pipeline_run_id  # noqa: E402
 
 CANDIDATE = "3-acceptance.record_candidate"
@@ -50,7 +51,7 @@ def write_pipelines(root: Path, count: int) -> tuple[Path, dict[str, tuple[Path,
         config["capacity"] = dict(base["capacity"],
                                   expected={"users": 1, "spawn_rate": 1, "duration_seconds": 2, "thresholds": tiny},
                                   peak={"users": 1, "spawn_rate": 1, "duration_seconds": 2, "thresholds": tiny})
-        (folder / f"{app}.yaml").write_text(yaml.safe_dump(config))
+        (folder / f"{app}.yaml").write_text(dump_config(config))
         repos[app] = (bare, clone)
     return folder, repos
 

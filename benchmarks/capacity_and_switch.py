@@ -27,12 +27,13 @@ sys.path.insert(0, str(ROOT / "plugins"))
 SERVICE = ROOT / "include" / "sample-service"
 BUCKET = "deployline-bench"
 
-from deployline import artifacts, embedded  # noqa: E402
+from deployline import embedded  # noqa: E402
 from deployline.config import LoadProfile, Production, Thresholds  # noqa: E402
 from deployline.deployments import blue_green  # noqa: E402
 from deployline.environments.base import EnvironmentSpec, environment_name  # noqa: E402
 from deployline.environments.local import LocalDriver  # noqa: E402
 from deployline.load_tests import run_load_test  # noqa: E402
+from deployline.releases import ReleaseRegistry  # noqa: E402
 
 NO_LIMITS = Thresholds(p95_ms=1e9, p99_ms=1e9, max_error_rate=1, min_rps=0)
 
@@ -210,9 +211,10 @@ def main() -> int:
         work = Path(tmp)
         s3 = boto3.client("s3")
         s3.create_bucket(Bucket=BUCKET)
+        s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
         versions = ["r1-aaaaaaa", "r2-bbbbbbb"]
-        published = {v: artifacts.publish(s3, BUCKET, "bench", v, build(work / "dist", v))[0].to_dict()
-                     for v in versions}
+        registry = ReleaseRegistry(s3, BUCKET, "bench")
+        published = {v: registry.publish(v, build(work / "dist", v), work / "publish")[0].to_dict() for v in versions}
         driver = LocalDriver(s3, root=work / "environments")
         result = {
             "capacity_size_2": capacity(driver, published[versions[0]], work, profiles, size=2),

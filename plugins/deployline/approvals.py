@@ -11,6 +11,7 @@ worker slot.  ``record_decision`` writes who decided, when and why to the releas
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 from airflow.providers.amazon.aws.operators.sns import SnsPublishOperator
@@ -116,6 +117,65 @@ def who_decided(hitl: dict | None, task_instance: dict | None, events: list[dict
         "at": (latest or {}).get("when") or "",
         "note": (task_instance or {}).get("note") or "",
     }
+
+
+RECORD_LOOKS = 15  # looks, 2 s apart, for the gate's record of a decision that succeeded
+
+
+class ApprovalNotRecorded(RuntimeError):
+    """The gate's decision succeeded but ``record_decision`` has not written it yet: a retry waits for it."""
+
+
+def approval_problem(gate: str, state: str | None, decided: dict, commit: dict, separate_duties: bool) -> str | None:
+    """Why the release may not pass ``gate`` (None: it may): from the gate's ``decision`` task state
+    in Airflow and the approval the release record names. Raises ApprovalNotRecorded while the
+    decision succeeded but is not recorded yet."""
+    if state != "success":
+        return (f"its {gate} decision is {state or 'not there'} in Airflow: only the gate's own decision approves "
+                f"(marking the pipeline's await_approval success does not)")
+    if not decided:
+        raise ApprovalNotRecorded(f"the {gate} decision succeeded but the release record does not name it yet")
+    if decided.get("decision") != APPROVED:
+        return f"the release record says its {gate} approval is {decided.get('decision')}"
+    by = str(decided.get("by") or "")
+    if not by or by == "unknown":
+        return f"the release record names nobody who approved {gate} ({decided.get('via')})"
+    if separate_duties and by.lower() in _identities(commit):
+        return (f"{by} approved {gate} for their own commit {commit.get('sha', '')[:10]} "
+                f"({commit.get('author')} <{commit.get('email')}>): approvals.separate_duties asks for someone else")
+    return None
+
+
+def _identities(commit: dict) -> set[str]:
+    email = str(commit.get("email") or "").lower()
+    return {x for x in (str(commit.get("author") or "").lower(), email, email.split("@")[0]) if x}
+
+
+def verify_approval(config: PipelineConfig, gate: str, commit: dict, ti, run_id: str) -> dict:
+    """The recorded approval of ``gate`` for this run; fails the task (no retry) when there is none.
+
+    Read from Airflow's own record of the gate run (the ``decision`` task's state, through the
+    task's own API, no login) and from the release record that ``record_decision`` wrote.
+    """
+    registry = ReleaseRegistry.for_config(config)
+    for look in range(RECORD_LOOKS):
+        states = ti.get_task_states(dag_id=gate_dag_id(config, gate), run_ids=[run_id], task_ids=["decision"])
+        state = (states.get(run_id) or {}).get("decision")
+        decided = ((registry.get(commit["version"]) or {}).get("approvals") or {}).get(gate) or {}
+        try:
+            problem = approval_problem(gate, state, decided, commit, config.approvals.separate_duties)
+            break
+        except ApprovalNotRecorded:
+            if look == RECORD_LOOKS - 1:
+                raise  # the task's retries look again later
+            time.sleep(2)  # record_decision runs right after the decision: seconds
+    if problem:
+        if "separate_duties" in problem:
+            registry.update(commit["version"], approvals={gate: decided | {"refused": problem, "refused_at": utcnow()}})
+        raise AirflowFailException(f"{config.application} {commit['version']} may not pass {gate} approval: {problem}")
+    log.info("%s approval of %s: approved by %s (%s) at %s", gate, commit["version"], decided["by"], decided.get("via"),
+             decided.get("at"))
+    return decided
 
 
 def build_gate_dag(config: PipelineConfig, gate: str) -> DAG:

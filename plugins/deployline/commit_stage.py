@@ -130,10 +130,7 @@ def commit_stage(config: PipelineConfig, commit) -> TaskGroup:
             try:
                 dist = artifacts.find_distribution(workdir, stage.artifact)
                 registry = ReleaseRegistry.for_config(config)
-                artifact, uploaded = artifacts.publish(
-                    registry.s3_client, bucket, config.application, commit["version"], dist,
-                    source=config.source_file,
-                )
+                artifact, uploaded = registry.publish(commit["version"], dist, folder / "published")
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
             if uploaded:

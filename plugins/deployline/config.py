@@ -266,6 +266,8 @@ class Approvals(_Strict):
     approver_role: str = "ReleaseApprover"
     exploratory: Gate = Gate()
     production: Gate = Gate()
+    separate_duties: bool = Field(
+        default=False, description="refuse an approval given by the commit's author (git name or e-mail)")
 
 
 class Aws(_Strict):
@@ -379,6 +381,17 @@ def _parse_yaml(text: str):
     except yaml.YAMLError:
         # Errors as PyYAML words them, with line and column, the same whichever loader is installed.
         return yaml.safe_load(text)
+
+
+class _WrittenOut(yaml.SafeDumper):
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def dump_config(data: dict) -> str:
+    """YAML of a pipeline config with every value written out: the loader refuses aliases, which
+    PyYAML writes for a dict used twice."""
+    return yaml.dump(data, Dumper=_WrittenOut)
 
 
 def load_pipeline_config(path: str | os.PathLike, environ=None) -> PipelineConfig:

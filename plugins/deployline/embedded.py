@@ -411,6 +411,8 @@ def ensure_bucket(endpoint: str, bucket: str, region: str = REGION) -> None:
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     if bucket not in existing:
         s3.create_bucket(Bucket=bucket)
+    # As the artifact_store stack makes it: the registry keeps each artifact's object version.
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
 
 
 def _boto_keys() -> dict:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from airflow.sdk import TaskGroup, chain, get_current_context
+from airflow.sdk.exceptions import AirflowFailException
 
 from deployline import aws
 from deployline.airflow_api import AirflowApiError, api_from_connection
+from deployline.approvals import verify_approval
 from deployline.config import PipelineConfig
 from deployline.environment_tasks import existing_environment, run_repository_test, stack_task
 from deployline.environments.base import EnvironmentSpec, environment_name
@@ -36,15 +39,9 @@ def preproduction_name(config: PipelineConfig) -> str:
 
 
 def release_ready(record: dict, profiles: list[str], run_id: str) -> list[str]:
-    """What keeps this version from pre-production, from its release record (empty: ready).
-
-    The exploratory approval may not be recorded yet (the gate records it after the decision
-    that let this run go on); only a recorded rejection counts against it.
-    """
+    """What keeps this version from pre-production in its load tests, from its release record (empty:
+    ready); the approval is checked by ``verify_approval``."""
     problems = []
-    decision = (record.get("approvals") or {}).get("exploratory", {}).get("decision")
-    if decision not in (None, "approved"):
-        problems.append(f"exploratory approval is {decision}")
     tests = record.get("load_tests") or {}
     for name in profiles:
         result = tests.get(name) or {}
@@ -61,12 +58,16 @@ def preproduction_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
         group.doc_md = DOC.format(env=preproduction_name(config), size=sizes.preproduction,
                                   pre_pool=config.preproduction_pool, prod_pool=config.production_pool)
 
-        @task(task_id="check_release_ready")
+        # Retries: the gate's record_decision may still be writing the approval (ApprovalNotRecorded).
+        @task(task_id="check_release_ready", retries=4, retry_delay=timedelta(seconds=15))
         def check_release_ready(commit: dict) -> None:
+            ctx = get_current_context()
+            verify_approval(config, "exploratory", commit, ctx["ti"], ctx["run_id"])
             record = ReleaseRegistry.for_config(config).get(commit["version"]) or {}
-            problems = release_ready(record, list(config.capacity.profiles()), get_current_context()["run_id"])
+            problems = release_ready(record, list(config.capacity.profiles()), ctx["run_id"])
             if problems:
-                raise RuntimeError(f"{commit['version']} is not ready for pre-production: {'; '.join(problems)}")
+                raise AirflowFailException(f"{commit['version']} is not ready for pre-production: "
+                                           f"{'; '.join(problems)}")
             log.info("%s: exploratory approval and every load profile passed in this run", commit["version"])
 
         @task(task_id="ensure_pools", retries=2)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+from datetime import timedelta
 
 from airflow.sdk import TaskGroup, chain, get_current_context
 from airflow.sdk.exceptions import AirflowSkipException
 
 from deployline import aws, notifications
-from deployline.approvals import approval_tasks
+from deployline.approvals import approval_tasks, verify_approval
 from deployline.blue_green_operator import BlueGreenDeployOperator
 from deployline.config import PipelineConfig
 from deployline.deployments import BlueGreen, Deployed, RolledBack, start_removing_idle, superseded_by
 from deployline.environment_tasks import STACK_POLL_INTERVAL, STACK_TIMEOUT, run_repository_test, stack_task
 from deployline.environments.base import EnvironmentFailed, EnvironmentSpec, environment_name
+from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
 from deployline.stack_readiness import StackOperator
 
@@ -24,7 +26,9 @@ DOC = """\
 ### 8-production: approval, then blue/green
 
 `request_approval` asks `{app}_approve_production`; `await_approval` waits (deferred) for
-a person with the `{role}` role. `ensure_production_address` (setup) makes sure the
+a person with the `{role}` role. `verify_approval` (and `deploy` again) checks Airflow's record
+of the gate's `decision` for this run and the approver the release record names: marking
+`await_approval` success by hand approves nothing. `ensure_production_address` (setup) makes sure the
 application's stable production address exists. Then `deploy`, which holds the one-slot
 pool `{pool}` so two production deploys never overlap:
 
@@ -90,8 +94,17 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
                                   verify=config.production.verify_seconds, drain=config.production.drain_seconds)
         _, _, approved = approval_tasks(config, "production", commit, after=after)
 
+        # Retries: the gate's record_decision may still be writing the approval (ApprovalNotRecorded).
+        @task(task_id="verify_approval", retries=4, retry_delay=timedelta(seconds=15))
+        def verify(commit: dict) -> dict:
+            ctx = get_current_context()
+            return verify_approval(config, "production", commit, ctx["ti"], ctx["run_id"])
+
         def prepare(candidate: dict, commit: dict) -> BlueGreen:
-            run_id, version = get_current_context()["run_id"], commit["version"]
+            ctx = get_current_context()
+            run_id, version = ctx["run_id"], commit["version"]
+            # Again here: this task is what changes production; clearing it alone must not skip the gate.
+            verify_approval(config, "production", commit, ctx["ti"], run_id)
             driver = aws.environment_driver(config)
             newer = superseded_by(driver, config.application, version)
             if newer:
@@ -174,6 +187,6 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
             timeout=STACK_TIMEOUT, pool=config.production_pool,
             doc_md="Removes every production environment that takes no traffic (a killed deploy's green, a blue "
             "not yet retired); stack deletes are waited for in the triggerer.", **config.environments.host_queue())
-        chain(approved, address, deploy)
+        chain(approved, verify(commit), address, deploy)
         deploy >> clean_up.as_teardown(setups=address)
     return group

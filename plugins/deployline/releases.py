@@ -17,9 +17,11 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from botocore.exceptions import ClientError
 
+from deployline import artifacts
 from deployline.artifacts import bucket_must_exist
 
 WRITE_ATTEMPTS = 20
@@ -105,6 +107,41 @@ class ReleaseRegistry:
             return dict(record, updated_at=utcnow())
 
         return self._read_modify_write(self.key(version), merged)
+
+    def publish(self, version: str, path: Path, work: Path) -> tuple[artifacts.Artifact, bool]:
+        """Build once, and no build swapped: put ``path`` in the store as ``version``'s artifact.
+
+        The registry is the truth, never the object's metadata. The digest is claimed in the record
+        (``artifact_claim``, a conditional write) before the upload, which is ``If-None-Match``; the
+        record then keeps the S3 object version. A version published before keeps its first
+        upload (a retry or a rerun). An object found at the key is hashed: it is taken only when
+        it is the claimed build (an earlier try that uploaded, then died), else refused, naming
+        both digests: a planted key or a replaced object. Returns the artifact and whether it was
+        uploaded now. ``work`` is a folder for the download that hashes a found object.
+        """
+        key = artifacts.artifact_key(self.application, version, path.name)
+        done = (self.get(version) or {}).get("artifact")
+        if done and done.get("version_id") and done.get("key") == key:
+            artifacts.require_version(self.s3_client, done)
+            return artifacts.Artifact(self.bucket, key, done["sha256"], done["size"], done["version_id"]), False
+        artifacts.require_versioning(self.s3_client, self.bucket, self.source)
+        found = artifacts.stored(self.s3_client, self.bucket, key, work)
+        if found is None:
+            digest, size = artifacts.sha256_of(path), path.stat().st_size
+            self.update(version, artifact_claim={"key": key, "sha256": digest, "size": size, "at": utcnow()})
+            try:
+                version_id = artifacts.upload_new(self.s3_client, self.bucket, key, path, digest, version)
+                return artifacts.Artifact(self.bucket, key, digest, size, version_id), True
+            except artifacts.ArtifactExists:
+                found = artifacts.stored(self.s3_client, self.bucket, key, work)  # someone was quicker
+        claim = (self.get(version) or {}).get("artifact_claim") or {}
+        if found is None or claim.get("key") != key or claim.get("sha256") != found.sha256:
+            claimed = f"claims {claim['sha256']}" if claim.get("key") == key else "claims no build for it"
+            raise artifacts.ArtifactError(
+                f"artifact s3://{self.bucket}/{key} is in the store already with sha256 "
+                f"{found.sha256 if found else '(gone again)'}, but the release registry {claimed}: refusing a planted "
+                "or replaced artifact")
+        return found, False
 
     def stage_started(self, version: str, stage: str, run_id: str) -> dict:
         """Mark ``stage`` running in ``run_id`` from now (kept if it already runs in that run)."""

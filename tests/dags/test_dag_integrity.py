@@ -231,8 +231,10 @@ def test_production_asks_then_deploys_in_a_one_slot_pool(parsed):
     assert tasks["8-production.request_approval"]["type"] == "TriggerDagRunOperator"
     wait = tasks["8-production.await_approval"]
     assert wait["type"] == "AwaitApprovalSensor" and wait["deferrable"] and wait["retries"] == 2
+    verify = tasks["8-production.verify_approval"]  # the gate's own decision, not the sensor's state
+    assert "8-production.await_approval" in verify["upstream"] and verify["retries"] == 4
     address = tasks["8-production.ensure_production_address"]
-    assert address["upstream"] == ["8-production.await_approval"] and address["is_setup"]
+    assert address["upstream"] == ["8-production.verify_approval"] and address["is_setup"]
     deploy = tasks["8-production.deploy"]
     assert "8-production.ensure_production_address" in deploy["upstream"]
     assert deploy["pool"] == address["pool"] == "deployline_sample_service_production"

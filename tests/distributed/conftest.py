@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "tests" / "e2e"))  # the user's actions: harness.E
 
 from deployline import embedded, embedded_cluster  # noqa: E402
 from deployline.airflow_api import AirflowApi  # noqa: E402
+from deployline.config import dump_config  # noqa: E402
 from harness import APP, E2E  # noqa: E402
 
 ARTIFACTS = ROOT / "test-artifacts" / "distributed"
@@ -51,7 +52,7 @@ def cluster(tmp_path_factory):
                               "expected": {"users": 2, "spawn_rate": 2, "duration_seconds": 3, "thresholds": loose},
                               "peak": {"users": 4, "spawn_rate": 4, "duration_seconds": 3, "thresholds": loose}}
         config["production"] = {"drain_seconds": 1, "verify_seconds": 5, "check_interval": 0.5}
-        (pipelines / f"{APP}.yaml").write_text(yaml.safe_dump(config))
+        (pipelines / f"{APP}.yaml").write_text(dump_config(config))
         found = embedded_cluster.start_cluster(stack, root, moto, ARTIFACTS, extra={
             "DEPLOYLINE_PIPELINES_DIR": str(pipelines), "DEPLOYLINE_DEMO_REPO": str(bare),
             "DEPLOYLINE_ARTIFACT_BUCKET": BUCKET})

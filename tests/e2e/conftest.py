@@ -18,6 +18,7 @@ import pytest
 import yaml
 from deployline import embedded
 from deployline.airflow_api import AirflowApi
+from deployline.config import dump_config
 from deployline.moto_atomic import make_conditional_puts_atomic
 from harness import APP, ARTIFACTS, BUCKET, E2E, GIT_CONN, ROOT, SECRETS, STRICT_APP
 from moto.server import ThreadedMotoServer
@@ -68,13 +69,13 @@ def e2e(tmp_path_factory):
                               "expected": {"users": 2, "spawn_rate": 2, "duration_seconds": 3, "thresholds": loose},
                               "peak": {"users": 4, "spawn_rate": 4, "duration_seconds": 3, "thresholds": loose}}
         config["production"] = {"drain_seconds": 1, "verify_seconds": 8, "check_interval": 0.5}
-        (pipelines / f"{APP}.yaml").write_text(yaml.safe_dump(config))
+        (pipelines / f"{APP}.yaml").write_text(dump_config(config))
         # The same service with a throughput threshold no machine meets; triggered by hand only.
         strict = dict(config, application=STRICT_APP, polling={"schedule": None},
                       approvals={"exploratory": {"timeout_hours": 1}, "production": {"timeout_hours": 1}})
         strict["capacity"] = dict(config["capacity"], expected={
             "users": 2, "spawn_rate": 2, "duration_seconds": 3, "thresholds": dict(loose, min_rps=1_000_000)})
-        (pipelines / f"{STRICT_APP}.yaml").write_text(yaml.safe_dump(strict))
+        (pipelines / f"{STRICT_APP}.yaml").write_text(dump_config(strict))
 
         home = root / "airflow"
         database = embedded.start_database(stack, root / "postgres", ARTIFACTS)

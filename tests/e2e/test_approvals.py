@@ -45,7 +45,7 @@ def inbox(e2e):
 
 
 NOTES = {"unattended": "Nobody looks at this one", "approve": "Approve me", "reject": "Reject me",
-         "button": "Approve me with the button"}
+         "button": "Approve me with the button", "skip": "Someone marks the pipeline's own sensor"}
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +136,23 @@ def test_reject_by_marking_the_decision_failed_stops_the_release(e2e, approver, 
     assert (decided["decision"], decided["by"], decided["note"]) == ("rejected", "approver", "Search is broken")
     version = e2e.version(run["conf"]["commit"])
     assert e2e.record(version)["stages"]["5-exploratory"]["result"] == "failed"
+
+
+def test_marking_the_pipelines_own_sensor_success_approves_nothing(e2e, candidates):
+    """An admin skips the gate: `await_approval` marked success, no decision on the gate DAG."""
+    run_id = waiting_candidate(e2e, candidates["skip"])
+    e2e.api.set_task_state(PIPELINE, run_id, AWAIT, "success", note="no time for the gate")
+    run = e2e.api.wait_for_run(PIPELINE, run_id, timeout=600)
+    states = e2e.task_states(run)
+    assert run["state"] == "failed" and states["7-pre-production.check_release_ready"] == "failed", states
+    assert states["7-pre-production.update_environment"] == "upstream_failed", states
+    ti = f"/dags/{PIPELINE}/dagRuns/{run_id}/taskInstances/7-pre-production.check_release_ready"
+    log = json.dumps(e2e.api.get(f"{ti}/logs/1", full_content="true"))
+    assert "may not pass exploratory approval: its exploratory decision is" in log
+    assert "marking the pipeline's await_approval success does not" in log
+    assert e2e.api.task_instances(PIPELINE, run_id)["7-pre-production.check_release_ready"]["try_number"] == 1
+    version = e2e.version(run["conf"]["commit"])
+    assert "preproduction" not in e2e.record(version) and "production" not in e2e.record(version)
 
 
 def test_approve_with_the_required_action_button(e2e, approver, candidates):

@@ -1,9 +1,9 @@
 import boto3
 import psutil
 import pytest
-from deployline import artifacts
 from deployline.environments.local import LocalDriver
 from deployline.moto_atomic import make_conditional_puts_atomic
+from deployline.releases import ReleaseRegistry
 from moto import mock_aws
 
 make_conditional_puts_atomic()  # moto checks a condition, then writes; S3 does both at once
@@ -17,6 +17,7 @@ def s3(request, monkeypatch):
     with mock_aws():
         client = boto3.client("s3", region_name="us-east-1")
         client.create_bucket(Bucket=request.module.BUCKET)
+        client.put_bucket_versioning(Bucket=request.module.BUCKET, VersioningConfiguration={"Status": "Enabled"})
         yield client
 
 
@@ -64,8 +65,7 @@ def tarballs(request, tmp_path_factory):
 
 
 @pytest.fixture
-def published(request, s3, tarballs):
+def published(request, s3, tarballs, tmp_path):
     """``tarballs`` published to the module's ``BUCKET``, under its ``APP`` (default ``shop``)."""
-    app = getattr(request.module, "APP", "shop")
-    return {v: artifacts.publish(s3, request.module.BUCKET, app, v, path)[0].to_dict()
-            for v, path in tarballs.items()}
+    registry = ReleaseRegistry(s3, request.module.BUCKET, getattr(request.module, "APP", "shop"))
+    return {v: registry.publish(v, path, tmp_path / "publish")[0].to_dict() for v, path in tarballs.items()}

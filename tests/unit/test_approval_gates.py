@@ -53,3 +53,38 @@ def test_a_rejected_decision_fails_the_wait_without_retries():
                                  external_task_id="decision", deferrable=True, retries=2)
     with pytest.raises(AirflowFailException, match="shop_approve_production: the decision was rejected or timed out"):
         sensor.execute_complete({}, {"status": "failed"})
+
+
+COMMIT = {"sha": "0123456789abcdef", "version": "r5-0123456", "author": "Dana Dev", "email": "dana@example.com"}
+APPROVED_BY_ERIN = {"decision": APPROVED, "by": "erin", "via": "required action", "at": "t"}
+
+
+@pytest.mark.parametrize(("state", "decided", "separate", "expected"), [
+    # The pipeline's own sensor marked success by hand: no decision on the gate.
+    (None, {}, False, "its production decision is not there in Airflow"),
+    ("running", {}, False, "its production decision is running in Airflow: only the gate's own decision approves"),
+    ("failed", {"decision": REJECTED, "by": "erin"}, False, "decision is failed"),
+    ("success", {"decision": TIMED_OUT, "by": "erin"}, False, "the release record says its production approval is "
+                                                              "timed_out"),
+    ("success", {"decision": APPROVED, "by": "unknown", "via": "no person"}, False, "names nobody who approved"),
+    ("success", APPROVED_BY_ERIN | {"by": "dana"}, True, "dana approved production for their own commit 0123456789"),
+    ("success", APPROVED_BY_ERIN | {"by": "Dana Dev"}, True, "approvals.separate_duties asks for someone else"),
+])
+def test_only_a_recorded_decision_on_the_gate_approves(state, decided, separate, expected):
+    from deployline.approvals import approval_problem
+
+    assert expected in approval_problem("production", state, decided, COMMIT, separate)
+
+
+def test_an_approval_by_someone_else_passes():
+    from deployline.approvals import approval_problem
+
+    assert approval_problem("production", "success", APPROVED_BY_ERIN, COMMIT, separate_duties=True) is None
+    assert approval_problem("production", "success", APPROVED_BY_ERIN | {"by": "dana"}, COMMIT, False) is None
+
+
+def test_a_decision_not_recorded_yet_is_retried():
+    from deployline.approvals import ApprovalNotRecorded, approval_problem
+
+    with pytest.raises(ApprovalNotRecorded):
+        approval_problem("exploratory", "success", {}, COMMIT, separate_duties=False)

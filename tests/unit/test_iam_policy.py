@@ -110,8 +110,10 @@ IAM_PREFIX = {"elbv2": "elasticloadbalancing"}
 S3_ACTIONS = {
     # GetObject/HeadObject: with s3:ListBucket a missing key answers 404 NoSuchKey, which the code relies on
     # (artifacts.head, ReleaseRegistry._read); without it S3 answers 403 AccessDenied.
-    "GetObject": {"s3:GetObject", "s3:ListBucket"},
-    "HeadObject": {"s3:GetObject", "s3:ListBucket"},
+    # With a VersionId (the artifact the registry records) IAM checks s3:GetObjectVersion instead.
+    "GetObject": {"s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket"},
+    "HeadObject": {"s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket"},
+    "GetBucketVersioning": {"s3:GetBucketVersioning"},
     "PutObject": {"s3:PutObject"},  # also with IfMatch / IfNoneMatch (conditional writes) and checksums
     "CreateMultipartUpload": {"s3:PutObject"},
     "UploadPart": {"s3:PutObject"},

@@ -44,7 +44,7 @@ import boto3
 import psutil
 import pytest
 from botocore.exceptions import ClientError
-from deployline import artifacts, images
+from deployline import images
 from deployline import infrastructure as infra
 from deployline.baking_stage import builder_key
 from deployline.capacity_stage import _upload_reports
@@ -261,13 +261,13 @@ def test_retrying_publish_artifact_uploads_once(s3, tmp_path):
     path = dist / f"sample-service-{V1}.tar.gz"
     path.write_bytes(b"the first build")
     registry = ReleaseRegistry(s3, BUCKET, APP)
-    first, uploaded = artifacts.publish(s3, BUCKET, APP, V1, path)
+    first, uploaded = registry.publish(V1, path, tmp_path / "work")
     assert uploaded
     before = objects(s3, f"{APP}/artifacts/")
     # The upload happened, the task died before writing the record. The retry (its workspace rebuilt,
     # other bytes) keeps the first upload and records that one.
     path.write_bytes(b"a rebuild with other bytes")
-    again, uploaded = artifacts.publish(s3, BUCKET, APP, V1, path)
+    again, uploaded = registry.publish(V1, path, tmp_path / "work")
     assert not uploaded and again == first
     registry.update(V1, artifact=again.to_dict(), artifact_version=V1)
     registry.update(V1, artifact=again.to_dict(), artifact_version=V1)

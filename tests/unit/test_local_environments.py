@@ -22,7 +22,7 @@ from deployline.environments.local import SWITCH_GRACE, LocalDriver
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = ROOT / "include" / "sample-service"
 BUCKET = "deployline-artifacts-test"
-V1, V2 = "r1-abc", "r2-def"  # the versions the conftest's ``tarballs`` builds
+V1, V2 = "r1-abcdef0", "r2-def0123"  # the versions the conftest's ``tarballs`` builds
 
 
 def build_artifact(out: Path, version: str) -> Path:
@@ -77,16 +77,16 @@ def requests_in_log(root: Path, name: str, port: int) -> int:
 
 
 def test_provision_runs_workers_behind_a_proxy_and_is_idempotent(driver, published, root):
-    spec = make_spec(published["r1-abc"], "run-1")
+    spec = make_spec(published["r1-abcdef0"], "run-1")
     driver.provision(spec)
     info = driver.wait_until_healthy(spec.name, "/health", timeout=20)
 
     assert info.size == 2 and info.driver == "local" and info.labels == {"owner": "tests"}
     assert datetime.fromisoformat(info.created_at).utcoffset().total_seconds() == 0
     status, body = get(info.endpoint, "/version")
-    assert status == 200 and json.loads(body) == {"version": "r1-abc", "commit": "abc"}
+    assert status == 200 and json.loads(body) == {"version": "r1-abcdef0", "commit": "abc"}
     for port in worker_ports(info):
-        assert json.loads(get(f"http://127.0.0.1:{port}", "/version")[1])["version"] == "r1-abc"
+        assert json.loads(get(f"http://127.0.0.1:{port}", "/version")[1])["version"] == "r1-abcdef0"
     # The proxy forwards methods, bodies and statuses as they are.
     status, body = get(info.endpoint, "/api/items", "POST", b'{"name": "widget", "quantity": 2}')
     assert status == 201 and json.loads(body)["name"] == "widget"
@@ -94,13 +94,13 @@ def test_provision_runs_workers_behind_a_proxy_and_is_idempotent(driver, publish
 
     state = state_of(root, spec.name)
     assert [p["role"] for p in state["processes"]] == ["worker", "worker", "proxy"]
-    assert state["artifact"]["sha256"] == published["r1-abc"]["sha256"] and state["endpoint"] == info.endpoint
+    assert state["artifact"]["sha256"] == published["r1-abcdef0"]["sha256"] and state["endpoint"] == info.endpoint
     for entry in state["processes"]:
         process = psutil.Process(entry["pid"])
         assert process.is_running() and process.create_time() == pytest.approx(entry["create_time"], abs=1)
     worker = psutil.Process(state["processes"][0]["pid"])
     assert worker.environ()["DEPLOYLINE_ENVIRONMENT"] == spec.name
-    assert worker.environ()["DEPLOYLINE_VERSION"] == "r1-abc"
+    assert worker.environ()["DEPLOYLINE_VERSION"] == "r1-abcdef0"
 
     assert driver.get(spec.name).endpoint == info.endpoint == driver.endpoint(spec.name)
     assert [e.name for e in driver.list()] == [spec.name] == [e.name for e in driver.list("shop")]
@@ -124,7 +124,7 @@ def test_the_application_sees_none_of_the_workers_secrets(driver, published, roo
                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://airflow:pw@db/airflow", "PYTHONPATH": "/x"}
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
-    spec = make_spec(published["r1-abc"], "run-env")
+    spec = make_spec(published["r1-abcdef0"], "run-env")
     driver.provision(spec)
     for entry in state_of(root, spec.name)["processes"]:
         environ = psutil.Process(entry["pid"]).environ()
@@ -136,7 +136,7 @@ def test_the_application_sees_none_of_the_workers_secrets(driver, published, roo
 
 
 def test_teardown_kills_every_process_even_if_some_are_dead(driver, published, root):
-    spec = make_spec(published["r1-abc"], "run-teardown")
+    spec = make_spec(published["r1-abcdef0"], "run-teardown")
     info = driver.provision(spec)
     driver.wait_until_healthy(spec.name, "/health", timeout=20)
     pids = [p["pid"] for p in info.details["processes"]]
@@ -161,16 +161,17 @@ import json, sys
 from pathlib import Path
 import boto3
 from moto import mock_aws
-from deployline import artifacts
 from deployline.environments.base import EnvironmentSpec
+from deployline.releases import ReleaseRegistry
 from deployline.environments.local import LocalDriver
 
 root, tarball, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 with mock_aws():
     s3 = boto3.client("s3", region_name="us-east-1")
     s3.create_bucket(Bucket="child-bucket")
-    artifact, _ = artifacts.publish(s3, "child-bucket", "shop", "r1-abc", tarball)
-    spec = EnvironmentSpec("shop", "acceptance", name, 2, "r1-abc", artifact.to_dict())
+    s3.put_bucket_versioning(Bucket="child-bucket", VersioningConfiguration={"Status": "Enabled"})
+    artifact, _ = ReleaseRegistry(s3, "child-bucket", "shop").publish("r1-abcdef0", tarball, root / "publish")
+    spec = EnvironmentSpec("shop", "acceptance", name, 2, "r1-abcdef0", artifact.to_dict())
     print(json.dumps(LocalDriver(s3, root=root).provision(spec).to_dict()))
 """
 
@@ -179,7 +180,7 @@ def test_processes_outlive_the_process_that_provisioned_them(driver, tarballs, r
     # Two Python processes provision at the same time: they must not pick the same ports either.
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "plugins"))
     names = ["dl-shop-child-a", "dl-shop-child-b"]
-    children = [subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(tarballs["r1-abc"]), name],
+    children = [subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(tarballs["r1-abcdef0"]), name],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in names]
     outputs = [child.communicate(timeout=60) for child in children]
     assert [child.returncode for child in children] == [0, 0], outputs
@@ -188,7 +189,7 @@ def test_processes_outlive_the_process_that_provisioned_them(driver, tarballs, r
     for name in names:
         info = driver.wait_until_healthy(name, "/health", timeout=20)  # from this process: the child is gone
         ports += [p["port"] for p in info.details["processes"]]
-        assert json.loads(get(info.endpoint, "/version")[1])["version"] == "r1-abc"
+        assert json.loads(get(info.endpoint, "/version")[1])["version"] == "r1-abcdef0"
     assert len(ports) == len(set(ports)) == 6
     assert sorted(e.name for e in driver.list("shop")) == names
 
@@ -200,7 +201,7 @@ def test_processes_outlive_the_process_that_provisioned_them(driver, tarballs, r
 
 
 def test_resize_starts_and_stops_real_workers(driver, published, root):
-    spec = make_spec(published["r1-abc"], "run-resize")
+    spec = make_spec(published["r1-abcdef0"], "run-resize")
     driver.provision(spec)
     driver.wait_until_healthy(spec.name, "/health", timeout=20)
 
@@ -226,17 +227,17 @@ def test_resize_starts_and_stops_real_workers(driver, published, root):
 
 
 def test_two_environments_at_once_get_different_ports(driver, published):
-    specs = [make_spec(published["r1-abc"], "a"), make_spec(published["r2-def"], "b", size=1)]
+    specs = [make_spec(published["r1-abcdef0"], "a"), make_spec(published["r2-def0123"], "b", size=1)]
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(driver.provision, specs))
     infos = [driver.wait_until_healthy(spec.name, "/health", timeout=20) for spec in specs]
     ports = [p["port"] for info in infos for p in info.details["processes"]]
     assert len(ports) == len(set(ports)) == 5
-    assert [json.loads(get(info.endpoint, "/version")[1])["version"] for info in infos] == ["r1-abc", "r2-def"]
+    assert [json.loads(get(info.endpoint, "/version")[1])["version"] for info in infos] == ["r1-abcdef0", "r2-def0123"]
 
 
 def test_a_tampered_artifact_is_refused_before_anything_starts(driver, published, s3, root):
-    artifact = published["r1-abc"]
+    artifact = published["r1-abcdef0"] | {"version_id": None}  # a record without the object version
     s3.put_object(Bucket=BUCKET, Key=artifact["key"], Body=b"not the release that was tested")
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(artifacts.ArtifactError, match="refusing a tampered or replaced artifact"):
@@ -249,7 +250,7 @@ def test_a_failure_midway_stops_what_was_started(driver, published, root, monkey
     # The workers start, then the proxy cannot (its interpreter is missing): the workers must not stay.
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
-    spec = make_spec(published["r1-abc"], "midway")
+    spec = make_spec(published["r1-abcdef0"], "midway")
     with pytest.raises(EnvironmentFailed, match=f"environment {spec.name}: provisioning failed: .*no-such-python"):
         driver.provision(spec)
     assert {p.pid for p in psutil.Process().children(recursive=True)} == before
@@ -264,7 +265,7 @@ def test_a_failure_midway_stops_what_was_started(driver, published, root, monkey
 )
 def test_a_worker_that_fails_to_start_is_reported_with_its_log(s3, published, root, command, expected):
     driver = LocalDriver(s3, LocalDriverSettings(start_command=command), root=root)
-    spec = make_spec(published["r1-abc"], f"broken-{command}", size=1)
+    spec = make_spec(published["r1-abcdef0"], f"broken-{command}", size=1)
     info = driver.provision(spec)
     with pytest.raises(EnvironmentFailed, match=expected) as failure:
         driver.wait_until_healthy(spec.name, "/health", timeout=20)
@@ -276,14 +277,14 @@ def test_a_worker_that_fails_to_start_is_reported_with_its_log(s3, published, ro
 def test_unhealthy_workers_time_out_with_their_answer(s3, published, root):
     settings = LocalDriverSettings(env={"SAMPLE_SERVICE_FAIL_HEALTH_AFTER": "0"})
     driver = LocalDriver(s3, settings, root=root)
-    spec = make_spec(published["r1-abc"], "unhealthy", size=1)
+    spec = make_spec(published["r1-abcdef0"], "unhealthy", size=1)
     driver.provision(spec)
     with pytest.raises(EnvironmentFailed, match=f"environment {spec.name} not healthy after 1.5s: .*HTTP 503"):
         driver.wait_until_healthy(spec.name, "/health", timeout=1.5)
 
 
 def test_switching_backends_fails_no_client_request(driver, published, root):
-    blue, green = make_spec(published["r1-abc"], "blue"), make_spec(published["r2-def"], "green")
+    blue, green = make_spec(published["r1-abcdef0"], "blue"), make_spec(published["r2-def0123"], "green")
     for spec in (blue, green):
         driver.provision(spec)
     endpoint = driver.wait_until_healthy(blue.name, "/health", timeout=20).endpoint
@@ -339,4 +340,4 @@ def test_switching_backends_fails_no_client_request(driver, published, root):
     print(f"{results['requests']} requests through the switch")
     assert results["failures"] == []
     assert results["requests"] >= 300
-    assert results["after_switch"] == {"r2-def"}
+    assert results["after_switch"] == {"r2-def0123"}

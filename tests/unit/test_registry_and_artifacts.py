@@ -1,3 +1,6 @@
+import hashlib
+from pathlib import Path
+
 import pytest
 from deployline import artifacts
 from deployline.releases import ReleaseRegistry, make_version, revision_of
@@ -36,27 +39,81 @@ def test_last_published_skips_records_without_artifact(s3):
     assert registry.last_published(before_revision=3)["version"] == "r1-aaaaaaa"
 
 
-def test_publish_with_sha256_build_once_and_verify(s3, tmp_path):
+def build(tmp_path, content: bytes) -> Path:
     dist = tmp_path / "dist"
-    dist.mkdir()
-    (dist / "shop-1.tar.gz").write_bytes(b"release bytes")
-    path = artifacts.find_distribution(tmp_path, "dist/*.tar.gz")
-    artifact, uploaded = artifacts.publish(s3, BUCKET, "shop", "r1-aaaaaaa", path)
-    assert uploaded and artifact.key == "shop/artifacts/r1-aaaaaaa/shop-1.tar.gz"
-    assert artifact.sha256 == artifacts.sha256_of(path)
-    head = s3.head_object(Bucket=BUCKET, Key=artifact.key)
-    assert head["Metadata"]["sha256"] == artifact.sha256
+    dist.mkdir(exist_ok=True)
+    (dist / "shop-1.tar.gz").write_bytes(content)
+    return artifacts.find_distribution(tmp_path, "dist/*.tar.gz")
 
-    (dist / "shop-1.tar.gz").write_bytes(b"a different build")
-    again, uploaded = artifacts.publish(s3, BUCKET, "shop", "r1-aaaaaaa", path)
-    assert not uploaded and again.sha256 == artifact.sha256  # build once: the first upload stays
+
+def test_publish_with_sha256_build_once_and_verify(s3, tmp_path):
+    registry = ReleaseRegistry(s3, BUCKET, "shop")
+    path = build(tmp_path, b"release bytes")
+    artifact, uploaded = registry.publish("r1-aaaaaaa", path, tmp_path / "work")
+    assert uploaded and artifact.key == "shop/artifacts/r1-aaaaaaa/shop-1.tar.gz" and artifact.version_id
+    assert artifact.sha256 == artifacts.sha256_of(path)
+    # The digest was claimed in the registry before the upload.
+    assert registry.get("r1-aaaaaaa")["artifact_claim"]["sha256"] == artifact.sha256
+    registry.update("r1-aaaaaaa", artifact=artifact.to_dict())
+
+    build(tmp_path, b"a different build")
+    again, uploaded = registry.publish("r1-aaaaaaa", path, tmp_path / "work")
+    assert not uploaded and again == artifact  # build once: the first upload stays
 
     got = artifacts.download_verified(s3, artifact.to_dict(), tmp_path / "dl" / "a.tgz")
     assert got.read_bytes() == b"release bytes"
-    s3.put_object(Bucket=BUCKET, Key=artifact.key, Body=b"tampered")
+    # Replaced, metadata and all: later stages still get the recorded version, the first build.
+    s3.put_object(Bucket=BUCKET, Key=artifact.key, Body=b"tampered", Metadata={"sha256": "f" * 64})
+    got = artifacts.download_verified(s3, artifact.to_dict(), tmp_path / "dl" / "b.tgz")
+    assert got.read_bytes() == b"release bytes"
+    # Without the version (a record written before issue 17), the bytes are compared: refused.
     with pytest.raises(artifacts.ArtifactError, match="refusing a tampered or replaced artifact"):
-        artifacts.download_verified(s3, artifact.to_dict(), tmp_path / "dl" / "b.tgz")
-    assert not (tmp_path / "dl" / "b.tgz").exists()
+        artifacts.download_verified(s3, artifact.to_dict() | {"version_id": None}, tmp_path / "dl" / "c.tgz")
+    assert not (tmp_path / "dl" / "c.tgz").exists()
+
+
+def test_a_planted_key_is_refused_naming_both_digests(s3, tmp_path):
+    """Someone writes the key first, with metadata claiming the digest of a real build."""
+    registry = ReleaseRegistry(s3, BUCKET, "shop")
+    path = build(tmp_path, b"the real build")
+    key = artifacts.artifact_key("shop", "r1-aaaaaaa", path.name)
+    forged = hashlib.sha256(b"forged").hexdigest()
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"forged", Metadata={"sha256": artifacts.sha256_of(path)})
+    with pytest.raises(artifacts.ArtifactError) as err:
+        registry.publish("r1-aaaaaaa", path, tmp_path / "work")
+    assert f"s3://{BUCKET}/{key} is in the store already with sha256 {forged}" in str(err.value)
+    assert "the release registry claims no build for it: refusing a planted or replaced artifact" in str(err.value)
+    assert "artifact" not in (registry.get("r1-aaaaaaa") or {})
+
+
+def test_an_upload_whose_record_was_lost_is_taken_only_if_it_is_the_claimed_build(s3, tmp_path):
+    registry = ReleaseRegistry(s3, BUCKET, "shop")
+    path = build(tmp_path, b"the first build")
+    first, _ = registry.publish("r1-aaaaaaa", path, tmp_path / "work")  # then the task died: no `artifact`
+    build(tmp_path, b"the retry's rebuild")
+    again, uploaded = registry.publish("r1-aaaaaaa", path, tmp_path / "work")
+    assert not uploaded and again.sha256 == first.sha256 and again.version_id == first.version_id
+    # Replaced between the tries: the claim does not match what is there.
+    s3.put_object(Bucket=BUCKET, Key=first.key, Body=b"swapped", Metadata={"sha256": first.sha256})
+    with pytest.raises(artifacts.ArtifactError, match=f"but the release registry claims {first.sha256}"):
+        registry.publish("r1-aaaaaaa", path, tmp_path / "work")
+
+
+def test_a_deleted_version_is_refused(s3, tmp_path):
+    registry = ReleaseRegistry(s3, BUCKET, "shop")
+    artifact, _ = registry.publish("r1-aaaaaaa", build(tmp_path, b"bytes"), tmp_path / "work")
+    registry.update("r1-aaaaaaa", artifact=artifact.to_dict())
+    s3.delete_object(Bucket=BUCKET, Key=artifact.key, VersionId=artifact.version_id)
+    with pytest.raises(artifacts.ArtifactError, match=f"version {artifact.version_id} of artifact"):
+        artifacts.download_verified(s3, artifact.to_dict(), tmp_path / "dl" / "a.tgz")
+    with pytest.raises(artifacts.ArtifactError, match="is not in the artifact store any more"):
+        registry.publish("r1-aaaaaaa", build(tmp_path, b"bytes"), tmp_path / "work")
+
+
+def test_a_bucket_without_versioning_is_refused(s3, tmp_path):
+    s3.create_bucket(Bucket="plain")
+    with pytest.raises(artifacts.ArtifactError, match="bucket 'plain' has versioning off: turn it on"):
+        ReleaseRegistry(s3, "plain", "shop").publish("r1-aaaaaaa", build(tmp_path, b"x"), tmp_path / "work")
 
 
 def test_distribution_glob_must_match_one_file(tmp_path):

@@ -14,6 +14,7 @@ def registry(monkeypatch):
     with mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")
         s3.create_bucket(Bucket="bkt")
+        s3.put_bucket_versioning(Bucket="bkt", VersioningConfiguration={"Status": "Enabled"})
         yield ReleaseRegistry(s3, "bkt", "shop")
 
 

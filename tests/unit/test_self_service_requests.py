@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from deployline import artifacts
 from deployline.config import load_pipeline_config
 from deployline.environments.base import EnvironmentDriver, EnvironmentInfo, environment_name
 from deployline.environments.local import LocalDriver
@@ -375,7 +374,7 @@ def test_launch_reuse_and_reap_with_the_local_driver(release, config, s3, tmp_pa
     env = {**os.environ, "DEPLOYLINE_VERSION": V1, "DEPLOYLINE_COMMIT": "abc"}
     subprocess.run([sys.executable, "build.py", "--out", str(tmp_path / "dist")], env=env, check=True,
                    cwd=ROOT / "include" / "sample-service", capture_output=True)
-    published = artifacts.publish(s3, BUCKET, "sample_service", V1, tmp_path / "dist" / f"sample-service-{V1}.tar.gz")
+    published = release.publish(V1, tmp_path / "dist" / f"sample-service-{V1}.tar.gz", tmp_path / "publish")
     release.update(V1, candidate=release.get(V1)["candidate"] | {"artifact": published[0].to_dict()})
     driver = LocalDriver(s3, config.environments.local, root=tmp_path / "environments")
     try:

@@ -1,5 +1,7 @@
+
 """2-commit's workspaces in S3: any worker restores the very build, checked by its sha256 (issue 16)."""
 
+import dataclasses
 import os
 
 import pytest
@@ -44,8 +46,9 @@ def test_a_replaced_workspace_is_refused_naming_both_digests(s3, tmp_path):
     forged = make_tree(tmp_path / "forged")
     (forged / "dist" / "shop-1.tar.gz").write_bytes(b"something else")
     workspace_store.store(s3, BUCKET, KEY, forged)  # the same key, other bytes
+    unversioned = dataclasses.replace(snapshot, version_id=None)  # as a bucket without versioning gives it
     with pytest.raises(WorkspaceError) as refused:
-        workspace_store.restore(s3, snapshot, tmp_path / "test")
+        workspace_store.restore(s3, unversioned, tmp_path / "test")
     assert snapshot.sha256 in str(refused.value) and "found" in str(refused.value) and KEY in str(refused.value)
 
 
