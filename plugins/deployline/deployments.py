@@ -99,15 +99,22 @@ class BlueGreen:
 
     Phases: ``begin`` (the router, what is live) -> ``clear`` (idle environments a killed deploy
     left) -> ``provision`` green -> ``healthy`` (health, smoke tests at green's own address,
-    switch, smoke tests through the router, health watched) -> ``drain`` -> ``retire`` blue. A
-    failure before or after the switch: ``rollback`` (traffic on blue, green removed), then
-    ``RolledBack``.
+    switch) -> ``verify`` (smoke tests through the router, health watched) -> ``drain`` ->
+    ``retire`` blue. A failure before or after the switch: ``rollback`` (traffic on blue, green
+    removed), then ``RolledBack``. A try killed between the switch and the end of ``verify``
+    leaves ``pending`` unverified: the next try verifies (or rolls back) instead of calling it
+    live.
     """
 
     def __init__(self, driver: EnvironmentDriver, spec: EnvironmentSpec, settings: Production, *, health_path: str,
                  health_timeout: float, smoke: Callable[[str], object], logger: logging.Logger = log,
-                 look_for: float = 10.0, health_wait: float = 30.0, clock: Callable[[], float] = time.time):
+                 look_for: float = 10.0, health_wait: float = 30.0, clock: Callable[[], float] = time.time,
+                 journal: Callable[[str, dict], None] | None = None, pending: dict | None = None):
         self.driver, self.spec, self.settings = driver, spec, settings
+        # journal(status, details): called before the switch ("switching"), after it ("verifying"),
+        # when verified and when rolled back, to record production's state where it outlives the
+        # task (the registry's production.json); pending: what it says now (a killed try's).
+        self.journal, self.pending = journal, pending
         self.health_path, self.health_timeout, self.smoke = health_path, health_timeout, smoke
         self.log, self.clock = logger, clock
         # How long a step looks at green's health itself before asking to wait (a local
@@ -140,6 +147,24 @@ class BlueGreen:
         state["blue"], state["blue_version"] = router.live, live_version(self.driver, router)
         self.log.info("production address %s; live: %s (%s)", router.endpoint, router.live or "nothing",
                       state["blue_version"] or "-")
+        unverified = self.pending if (self.pending or {}).get("version") == self.spec.version \
+            and (self.pending or {}).get("status") in UNVERIFIED else None
+        if router.live == self.spec.name and unverified:
+            # A try was killed after the switch, before its verification ended: finish it here.
+            state["blue"], state["blue_version"] = unverified.get("previous_environment"), \
+                unverified.get("previous_version")
+            state["switch_seconds"] = None
+            self.log.warning("%s went live in %s without a finished verification (%s): verifying now; a failure "
+                             "switches back to %s", self.spec.version, self.spec.name, unverified.get("status"),
+                             state["blue_version"] or "nothing")
+            return self._verify(state | {"phase": "verify"})
+        other = self.pending or {}
+        if other.get("status") in UNVERIFIED and other.get("environment") == router.live and not unverified:
+            raise EnvironmentFailed(
+                f"production runs {other.get('version')} unverified (a deploy was stopped during its "
+                f"{other.get('status')}; {other.get('previous_version') or 'nothing'} is kept to roll back to): "
+                f"rerun that version's 8-production.deploy to verify it or roll it back, then deploy "
+                f"{self.spec.version}")
         if router.live == self.spec.name:
             self.log.info("%s is already live in %s: nothing to do", self.spec.version, self.spec.name)
             return state, Deployed(self.spec.version, self.spec.name, router.endpoint, None, None, 0, 0, 0, 0,
@@ -149,11 +174,10 @@ class BlueGreen:
     def _clear(self, state: dict):
         # What an interrupted deploy left (a green, a blue not yet retired) would take the idle slot.
         router = self._router()
-        for info in self.driver.list(self.spec.application):
-            if info.stage == "production" and info.name != router.live:
-                pending = self._remove(info.name)
-                if pending:
-                    return state, Wait(stack=pending)
+        for name in idle_environments(self.driver, self.spec.application, self.pending):
+            pending = self._remove(name)
+            if pending:
+                return state, Wait(stack=pending)
         state["green_labels"] = self.driver.green_spec(router, self.spec).labels
         return self._provision(state | {"phase": "provision"})
 
@@ -195,19 +219,29 @@ class BlueGreen:
             self._remove(green.name)
             raise
 
+        # Written down before the switch: a retry after a killed worker finishes the verification.
+        self._note("switching", state)
         switching = time.monotonic()
         self.driver.switch(self.spec.application, green.name)
         state["switch_seconds"] = round(time.monotonic() - switching, 3)
+        self._note("verifying", state)
         self.log.info("switched %s to %s in %.2fs; watching health for %gs", router.endpoint, green.name,
                       state["switch_seconds"], self.settings.verify_seconds)
+        return self._verify(state | {"phase": "verify"})
+
+    def _verify(self, state: dict):
+        router = self._router()
         try:
             self.smoke(router.endpoint)
-            state["verified_seconds"] = round(_watch(self.driver, green.name, self.health_path, self.settings,
+            state["verified_seconds"] = round(_watch(self.driver, self.spec.name, self.health_path, self.settings,
                                                      self.log), 3)
         except Exception as exc:
-            self.driver.switch(self.spec.application, state["blue"])
-            self.log.warning("rolled back: %s serves %s again", router.endpoint, state["blue_version"] or "nothing")
+            back = state["blue"] if state["blue"] and self.driver.get(state["blue"]) else None
+            self.driver.switch(self.spec.application, back)
+            self.log.warning("rolled back: %s serves %s again", router.endpoint,
+                             state["blue_version"] if back else "nothing")
             return self._rollback(self._roll_back(state, AFTER_SWITCH, _describe(exc)))
+        self._note("verified", state)
         if not state["blue"]:
             return self._done(state, drained=0.0)
         self.log.info("draining %s for %gs before removing it", state["blue"], self.settings.drain_seconds)
@@ -229,6 +263,7 @@ class BlueGreen:
         pending = self._remove(self.spec.name)
         if pending:
             return state, Wait(stack=pending)
+        self._note("rolled_back", state)
         failed = state["rollback"]
         raise RolledBack(self.spec.version, failed["phase"], failed["reason"], state["blue_version"])
 
@@ -239,6 +274,11 @@ class BlueGreen:
         return state, Deployed(self.spec.version, self.spec.name, router.endpoint, state["blue_version"],
                                state["blue"], state["switch_seconds"], state["verified_seconds"], drained,
                                round(self.clock() - state["started"], 3))
+
+    def _note(self, status: str, state: dict) -> None:
+        if self.journal:
+            self.journal(status, {"environment": self.spec.name, "previous_version": state.get("blue_version"),
+                                  "previous_environment": state.get("blue")})
 
     def _roll_back(self, state: dict, phase: str, reason: str) -> dict:
         self.log.warning("rolling back %s (%s): %s", self.spec.version, phase.replace("_", " "), reason[-500:])
@@ -259,7 +299,8 @@ class BlueGreen:
         return pending
 
 
-_PHASES = ("begin", "clear", "provision", "healthy", "drain", "retire", "rollback")
+_PHASES = ("begin", "clear", "provision", "healthy", "verify", "drain", "retire", "rollback")
+UNVERIFIED = ("switching", "verifying")  # production.json's pending statuses of a version not verified yet
 
 
 def _describe(exc: BaseException) -> str:
@@ -267,7 +308,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def blue_green(driver: EnvironmentDriver, spec: EnvironmentSpec, settings: Production, *, health_path: str,
-               health_timeout: float, smoke: Callable[[str], object], logger: logging.Logger = log) -> Deployed:
+               health_timeout: float, smoke: Callable[[str], object], logger: logging.Logger = log,
+               journal: Callable[[str, dict], None] | None = None, pending: dict | None = None) -> Deployed:
     """Deploy ``spec`` (stage production) as green, waiting here; returns when green serves and blue is gone.
 
     The steps of :class:`BlueGreen`, run one after the other in this process (the pipeline's
@@ -275,7 +317,7 @@ def blue_green(driver: EnvironmentDriver, spec: EnvironmentSpec, settings: Produ
     against ``url``.  Raises ``RolledBack``.
     """
     machine = BlueGreen(driver, spec, settings, health_path=health_path, health_timeout=health_timeout, smoke=smoke,
-                        logger=logger)
+                        logger=logger, journal=journal, pending=pending)
     state = machine.start()
     while True:
         state, following = machine.step(state)
@@ -310,29 +352,34 @@ def _remove(driver: EnvironmentDriver, name: str, logger) -> None:
     logger.info("environment %s %s", name, "removed" if removed else "was already gone")
 
 
-def idle_environments(driver: EnvironmentDriver, application: str) -> list[str]:
-    """The production environments of ``application`` that take no traffic."""
+def idle_environments(driver: EnvironmentDriver, application: str, pending: dict | None = None) -> list[str]:
+    """The production environments of ``application`` that take no traffic, but for the one to roll
+    back to while ``pending`` (production.json's) says the live version is not verified yet."""
     router = driver.router(application)
     live = router.live if router else None
-    return [e.name for e in driver.list(application) if e.stage == "production" and e.name != live]
+    keep = {live}
+    if (pending or {}).get("status") in UNVERIFIED and pending.get("environment") == live:
+        keep.add(pending.get("previous_environment"))
+    return [e.name for e in driver.list(application) if e.stage == "production" and e.name not in keep]
 
 
-def remove_idle(driver: EnvironmentDriver, application: str, logger: logging.Logger = log) -> list[str]:
+def remove_idle(driver: EnvironmentDriver, application: str, logger: logging.Logger = log,
+                pending: dict | None = None) -> list[str]:
     """Remove every production environment of ``application`` that takes no traffic (waiting here).
 
     Run where no deploy of the application can run at the same time (its one-slot pool).
     """
-    idle = idle_environments(driver, application)
+    idle = idle_environments(driver, application, pending)
     for name in idle:
         _remove(driver, name, logger)
     return idle
 
 
-def start_removing_idle(driver: EnvironmentDriver, application: str,
-                        logger: logging.Logger = log) -> StackOperation | None:
+def start_removing_idle(driver: EnvironmentDriver, application: str, logger: logging.Logger = log,
+                        pending: dict | None = None) -> StackOperation | None:
     """``remove_idle`` without waiting: starts removing the next idle environment and returns the stack
     operation to wait for, or None when none is left (call it again after each wait)."""
-    for name in idle_environments(driver, application):
+    for name in idle_environments(driver, application, pending):
         pending = driver.start_teardown(name)
         logger.info("idle environment %s %s", name, "being removed" if pending else "removed")
         if pending:

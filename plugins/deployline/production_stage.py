@@ -43,8 +43,12 @@ pool `{pool}` so two production deploys never overlap:
 load balancer, the drain and blue's removal it defers to the triggerer (the Graph shows it
 *deferred*), and the pool counts it still, so the next deploy waits.
 
-A retry of `deploy` (or a rerun of the stage) after the switch finds this version live: it
-deploys nothing again and writes the deploy to the release record once.
+The switch is written to `production.json` before it happens (`pending`: switching, verifying,
+verified). A retry of `deploy` (or a rerun of the stage) after a try killed during the
+verification verifies again, or switches back; after the verification it finds this version
+live, deploys nothing again and writes the deploy to the release record once. While a live
+version is unverified, `clean_up_environments` keeps the one to roll back to, and a deploy
+of another version is refused.
 
 If green fails in step 2 or 3, traffic stays on or returns to blue, green is removed, the
 run fails and the release record gets a `rollback` entry. `clean_up_environments`
@@ -126,8 +130,14 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
                 return run_repository_test(config, config.smoke_test, "smoke_test", commit, url,
                                            candidate["artifact_version"], f"{run_id}-production-{next(attempt)}")
 
+            registry = ReleaseRegistry.for_config(config)
+
+            def journal(status: str, details: dict) -> None:
+                registry.note_production_change(version, status, run_id=run_id, **details)
+
             return BlueGreen(driver, spec, config.production, health_path=envs.health_path,
-                             health_timeout=envs.health_timeout, smoke=smoke, logger=log)
+                             health_timeout=envs.health_timeout, smoke=smoke, logger=log, journal=journal,
+                             pending=(registry.production() or {}).get("pending"))
 
         def deployed(deployed: Deployed, state: dict, candidate: dict, commit: dict) -> dict:
             version = commit["version"]
@@ -162,7 +172,9 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
             return router.to_dict()
 
         def start_clean_up():
-            return start_removing_idle(aws.environment_driver(config), config.application, logger=log)
+            # Never the version to roll back to while the live one is unverified (a killed deploy's).
+            pending = (ReleaseRegistry.for_config(config).production() or {}).get("pending")
+            return start_removing_idle(aws.environment_driver(config), config.application, logger=log, pending=pending)
 
         def environments_left() -> list[str]:
             left = [e.name for e in aws.environment_driver(config).list(config.application) if e.stage == "production"]

@@ -232,11 +232,28 @@ class ReleaseRegistry:
         revision_of(version)
 
         def live(current: dict | None) -> dict:
-            history = ([{k: v for k, v in current.items() if k != "history"}] + current.get("history", [])
-                       if current else [])
+            before = {k: v for k, v in (current or {}).items() if k not in ("history", "pending")}
+            history = ([before] if before.get("version") else []) + (current or {}).get("history", [])
             return {"version": version, **details, "deployed_at": utcnow(), "history": history[:100]}
 
         return self._read_modify_write(self.production_key, live)
+
+    def note_production_change(self, version: str, status: str, **details) -> dict:
+        """Write a production change in progress into ``production.json`` (``pending``: ``switching``,
+        ``verifying``, ``verified``) before it happens, where it outlives a killed worker; a
+        ``rolled_back`` status removes it. ``set_production`` ends it."""
+        revision_of(version)
+
+        def noted(current: dict | None) -> dict:
+            current = dict(current or {})
+            if status == "rolled_back":
+                if (current.get("pending") or {}).get("version") == version:
+                    current.pop("pending")
+            else:
+                current["pending"] = {"version": version, "status": status, **details, "since": utcnow()}
+            return current
+
+        return self._read_modify_write(self.production_key, noted)
 
     def versions(self) -> list[str]:
         """Every recorded version, oldest first."""

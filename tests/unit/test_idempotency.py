@@ -49,8 +49,8 @@ from deployline import infrastructure as infra
 from deployline.baking_stage import builder_key
 from deployline.capacity_stage import _upload_reports
 from deployline.config import CloudFormationSettings, Production, load_pipeline_config
-from deployline.deployments import blue_green, remove_idle
-from deployline.environments.base import EnvironmentSpec, environment_name
+from deployline.deployments import AFTER_SWITCH, RolledBack, blue_green, remove_idle
+from deployline.environments.base import EnvironmentFailed, EnvironmentSpec, environment_name
 from deployline.environments.cloudformation import CloudFormationDriver
 from deployline.images import BUILDER_TAG, ImageError, create_image, launch_builder, terminate_builders
 from deployline.pipeline import build_pipeline_dag
@@ -514,6 +514,74 @@ def test_retrying_deploy_killed_after_the_switch_records_the_deployment_once(dri
     assert live["version"] == V2 and [h["version"] for h in live["history"]] == [V1]
     assert remove_idle(driver, APP) == [environment_name(APP, "production", V1)]
     assert [e.version for e in driver.list(APP)] == [V2] and version_at(driver.router(APP).endpoint) == V2
+
+
+def journal_of(registry, version):
+    return lambda status, details: registry.note_production_change(version, status, **details)
+
+
+def test_a_deploy_killed_during_verification_is_verified_by_the_retry_never_called_live(driver, published, s3):
+    """Killed after the switch to V2, before its verification ended: production.json says so. The
+    clean-up keeps V1 (the rollback target), another version may not deploy, and the retry verifies
+    V2 before calling it deployed (not ``already_live`` with 0 s verified)."""
+    registry = ReleaseRegistry(s3, BUCKET, APP)
+    record_deployment(registry, V1, blue_green(driver, production_spec(published[V1], V1), FAST, health_path="/health",
+                                               health_timeout=20, smoke=version_at, journal=journal_of(registry, V1)),
+                      "commit__1", "t0")
+    smoked = []
+
+    def killed_while_verifying(url):
+        smoked.append(url)
+        if len(smoked) == 2:  # the smoke tests through the production address, after the switch
+            raise Crash("killed during the verification")
+        return version_at(url)
+
+    with pytest.raises(Crash):
+        blue_green(driver, production_spec(published[V2], V2), FAST, health_path="/health", health_timeout=20,
+                   smoke=killed_while_verifying, journal=journal_of(registry, V2))
+    pending = registry.production()["pending"]
+    v1_env, v2_env = (environment_name(APP, "production", v) for v in (V1, V2))
+    assert (pending["version"], pending["status"], pending["previous_version"]) == (V2, "verifying", V1)
+    assert driver.router(APP).live == v2_env and registry.production()["version"] == V1
+    assert remove_idle(driver, APP, pending=pending) == []  # clean_up_environments keeps V1
+    with pytest.raises(EnvironmentFailed, match=f"production runs {V2} unverified"):
+        blue_green(driver, production_spec(published[V1], "r3-cdef0123"), FAST, health_path="/health",
+                   health_timeout=20, smoke=version_at, pending=pending)
+
+    again = blue_green(driver, production_spec(published[V2], V2), FAST, health_path="/health", health_timeout=20,
+                       smoke=version_at, journal=journal_of(registry, V2), pending=pending)
+    assert again.result == "deployed" and again.previous_version == V1 and again.verified_seconds >= FAST.verify_seconds
+    assert registry.production()["pending"]["status"] == "verified"
+    record_deployment(registry, V2, again, "commit__2", "t5")
+    live = registry.production()
+    assert live["version"] == V2 and "pending" not in live and [h["version"] for h in live["history"]] == [V1]
+    assert [e.version for e in driver.list(APP)] == [V2]
+
+
+def test_a_failed_verification_on_retry_goes_back_to_the_last_verified_version(driver, published, s3):
+    registry = ReleaseRegistry(s3, BUCKET, APP)
+    blue_green(driver, production_spec(published[V1], V1), FAST, health_path="/health", health_timeout=20,
+               smoke=version_at, journal=journal_of(registry, V1))
+    smoked = []
+
+    def killed_while_verifying(url):
+        smoked.append(url)
+        if len(smoked) == 2:
+            raise Crash("killed during the verification")
+
+    with pytest.raises(Crash):
+        blue_green(driver, production_spec(published[V2], V2), FAST, health_path="/health", health_timeout=20,
+                   smoke=killed_while_verifying, journal=journal_of(registry, V2))
+
+    def failing(url):
+        raise AssertionError(f"smoke tests failed against {url}")
+
+    with pytest.raises(RolledBack) as caught:
+        blue_green(driver, production_spec(published[V2], V2), FAST, health_path="/health", health_timeout=20,
+                   smoke=failing, journal=journal_of(registry, V2), pending=registry.production()["pending"])
+    assert caught.value.phase == AFTER_SWITCH and caught.value.restored == V1
+    assert version_at(driver.router(APP).endpoint) == V1 and [e.version for e in driver.list(APP)] == [V1]
+    assert "pending" not in registry.production()
 
 
 # ---------------------------------------------------------------------- CloudFormation environments
