@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from airflow.sdk import DAG, Param, chain, get_current_context
+from airflow.sdk.exceptions import AirflowFailException
 
 from deployline.acceptance_stage import acceptance_stage
 from deployline.baking_stage import baking_stage
@@ -95,6 +96,11 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
             requested = (ctx["dag_run"].conf or {}).get("commit") or ctx["params"].get("commit") or ""
             sha = requested.strip().lower() or source.head()
             commit = source.resolve(sha)
+            if not source.on_branch(commit.sha):
+                # Its revision number could make the branch's next releases look "superseded".
+                raise AirflowFailException(
+                    f"commit {commit.sha} is not on branch {config.repository.branch!r} of "
+                    f"{source.display_url}: only commits the branch's head reaches are released (merge it first)")
             revision = source.revision_number(commit.sha)
             version = make_version(revision, commit.sha)
             log.info("building %s as %s: %s (%s)", commit.sha, version, commit.message, commit.author)

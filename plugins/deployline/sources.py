@@ -242,6 +242,17 @@ class GitSource:
         except GitError:
             return False
 
+    def on_branch(self, sha: str) -> bool:
+        """Whether the branch's head (fetched now) reaches ``sha``: only those commits are released."""
+        mirror = self.fetch()
+        if not self._has_commit(mirror, sha):
+            self.fetch(sha)
+        try:
+            self._git("merge-base", "--is-ancestor", sha, f"refs/heads/{self.branch}", cwd=mirror)
+            return True
+        except GitError:
+            return False
+
     def revision_number(self, sha: str) -> int:
         """How many commits the first-parent history up to ``sha`` has: grows with every commit."""
         mirror = self.fetch(sha)

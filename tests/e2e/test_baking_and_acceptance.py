@@ -136,16 +136,17 @@ def images_turn_failed(monkeypatch):
 
 
 def test_a_base_image_that_turns_failed_stops_the_release_and_leaves_no_builder(e2e, seeded, images_turn_failed):
-    """Fault: the base AMI turns ``failed`` while the deferred sensor waits.  The commit is on a
-    branch of its own, triggered by hand, so that main's next commits are not affected."""
+    """Fault: the base AMI turns ``failed`` while the deferred sensor waits.  The commit is pushed
+    to main with its revert in the same push (so that main's next commits are not affected: the
+    poll sees the revert, which changes nothing) and triggered by hand: only commits main reaches
+    are released."""
     names, made = images_turn_failed
     provision = e2e.clone / "infrastructure/provision.sh"
-    head = embedded.git("rev-parse", "HEAD", cwd=e2e.clone)
     provision.write_text(provision.read_text() + "# a base image AWS fails to make\n")
     embedded.git("commit", "--quiet", "-am", "Provisioning whose image fails", cwd=e2e.clone)
     sha = embedded.git("rev-parse", "HEAD", cwd=e2e.clone)
-    embedded.git("push", "--quiet", "origin", "HEAD:refs/heads/fault/base-image", cwd=e2e.clone)
-    embedded.git("reset", "--quiet", "--hard", head, cwd=e2e.clone)
+    embedded.git("revert", "--quiet", "--no-edit", "HEAD", cwd=e2e.clone)
+    embedded.git("push", "--quiet", "origin", "HEAD:main", cwd=e2e.clone)
     version = e2e.version(sha)
     names.add(f"sample_service-base-{version}")  # the name 1-baking gives the image
 

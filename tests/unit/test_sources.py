@@ -92,3 +92,17 @@ def test_a_git_revert_names_the_commit_it_reverts(repo):
     revert, original = source.commits_between(None, git("rev-parse", "HEAD", cwd=repo.work))
     assert revert.message == 'Revert "Break the cart"' and revert.reverts == (bad,)
     assert original.reverts == () and revert.to_dict()["reverts"] == [bad]
+
+
+def test_only_commits_the_branch_reaches_are_on_it(repo):
+    first = repo.commit({"app.py": "1\n"}, "first")
+    git("checkout", "--quiet", "-b", "feature", cwd=repo.work)
+    git("commit", "--quiet", "--allow-empty", "-m", "side", cwd=repo.work)
+    side = git("rev-parse", "HEAD", cwd=repo.work)
+    git("push", "--quiet", "origin", "feature", cwd=repo.work)
+    source = GitSource(str(repo.bare), "main")
+    assert source.on_branch(first) and not source.on_branch(side)
+    git("checkout", "--quiet", "main", cwd=repo.work)
+    git("merge", "--quiet", "--no-edit", "feature", cwd=repo.work)
+    git("push", "--quiet", "origin", "main", cwd=repo.work)
+    assert source.on_branch(side)  # merged: the branch reaches it now
