@@ -51,6 +51,15 @@ def _percent(rate: float | None) -> str:
 TEMPLATES.env.filters.update(duration=_duration, hours=_hours, percent=_percent)
 
 
+# The longest metrics window: a daily series over 0001-9999 took 72 s and 2.2 GB.
+MAX_WINDOW_DAYS = 3650
+MAX_RELEASES = 1000  # releases listed per request (newest first)
+
+
+def unknown(application: str) -> str:
+    return f"no application {application!r} that you may read"
+
+
 class NotFound(HTTPException):
     def __init__(self, detail: str):
         super().__init__(status_code=404, detail=detail)
@@ -81,8 +90,7 @@ class Registries:
     def config(self, application: str):
         configs = self.configs()
         if application not in configs:
-            known = ", ".join(sorted(configs)) or "none"
-            raise NotFound(f"no pipeline config for application {application!r} (known: {known})")
+            raise NotFound(unknown(application))  # lists nothing: which applications exist is not for everyone
         return configs[application]
 
     def records(self, application: str) -> tuple[list[dict], str | None]:
@@ -126,24 +134,28 @@ def create_app(registries: "Registries | None" = None, user_dependency=None,
         from deployline.config import load_all
 
         registries = Registries(load_all, ReleaseRegistry.for_config)
-    app = FastAPI(title="Deployline delivery insight",
+    # The API's description and schema are behind the same login as the data (routes below).
+    app = FastAPI(title="Deployline delivery insight", docs_url=None, redoc_url=None, openapi_url=None,
                   description="Release traceability and delivery metrics from the Deployline release registry.")
     User = Annotated[Any, Depends(user_dependency or airflow_user_dependency())]
 
     def readable_config(application: str, user):
         config = registries.config(application)
         if not can_read(user, config.pipeline_dag_id):
-            raise HTTPException(status_code=403,
-                                detail=f"you may not read {config.pipeline_dag_id}, so not {application!r} releases")
+            raise NotFound(unknown(application))  # the same answer as for none: no hint that it exists
         return config
 
     def window_of(days: float | None, since: str | None, until: str | None) -> Window:
         try:
             end = parse_time(until) or datetime.now(UTC)
             start = parse_time(since)
-            return Window(start, end) if start else Window.last(days or 30, end)
+            window = Window(start, end) if start else Window.last(days or 30, end)
         except ValueError as exc:
             raise HTTPException(status_code=422, detail=f"bad window: {exc}") from exc
+        if (window.end - window.start).days > MAX_WINDOW_DAYS:
+            raise HTTPException(status_code=422, detail=f"bad window: {window.start.isoformat()} to "
+                                f"{window.end.isoformat()} is longer than {MAX_WINDOW_DAYS} days")
+        return window
 
     # ---------------------------------------------------------------------------- data
 
@@ -158,11 +170,12 @@ def create_app(registries: "Registries | None" = None, user_dependency=None,
                           "newest": records[-1]["version"] if records else None})
         return found
 
-    def releases(application: str, user) -> dict:
+    def releases(application: str, user, limit: int = MAX_RELEASES) -> dict:
         config = readable_config(application, user)
         records, live = registries.records(application)
+        newest = list(reversed(records))[:limit]
         return {"application": application, "pipeline": config.pipeline_dag_id, "live_version": live,
-                "releases": [release_summary(r, live) for r in reversed(records)]}
+                "releases": [release_summary(r, live) for r in newest], "total": len(records)}
 
     def release(application: str, version: str, user) -> dict:
         config = readable_config(application, user)
@@ -191,9 +204,22 @@ def create_app(registries: "Registries | None" = None, user_dependency=None,
     def api_applications(user: User):
         return {"applications": applications(user)}
 
+    Limit = Annotated[int, Query(ge=1, le=MAX_RELEASES, description="the newest N releases")]
+
     @app.get("/api/applications/{application}/releases", tags=["JSON"])
-    def api_releases(application: str, user: User):
-        return releases(application, user)
+    def api_releases(application: str, user: User, limit: Limit = 100):
+        return releases(application, user, limit)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_schema(user: User):
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    def api_docs(request: Request, user: User):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url=f"{request.scope.get('root_path', '')}/openapi.json",
+                                   title="Deployline delivery insight")
 
     @app.get("/api/applications/{application}/releases/{version}", tags=["JSON"])
     def api_release(application: str, version: str, user: User):
@@ -223,8 +249,8 @@ def create_app(registries: "Registries | None" = None, user_dependency=None,
                        f"each application (<application>_pipeline and the others)")
 
     @app.get("/applications/{application}", response_class=HTMLResponse, include_in_schema=False)
-    def releases_page(request: Request, application: str, user: User):
-        return page(request, "releases.html", **releases(application, user))
+    def releases_page(request: Request, application: str, user: User, limit: Limit = 200):
+        return page(request, "releases.html", **releases(application, user, limit))
 
     @app.get("/applications/{application}/releases/{version}", response_class=HTMLResponse,
              include_in_schema=False)

@@ -97,8 +97,11 @@ def test_an_application_without_releases_gets_a_clear_page(s3, registry):
 
 
 @pytest.mark.parametrize("path, status, message", [
-    ("/applications/nope", 404, "no pipeline config for application 'nope' (known: empty, shop)"),
-    ("/api/applications/nope/metrics", 404, "no pipeline config for application 'nope'"),
+    ("/applications/nope", 404, "no application 'nope' that you may read"),
+    ("/api/applications/nope/metrics", 404, "no application 'nope' that you may read"),
+    ("/api/applications/shop/metrics?since=0001-01-01T00:00:00Z&until=9999-12-31T00:00:00Z", 422,
+     "is longer than 3650 days"),
+    ("/api/applications/shop/releases?limit=100000", 422, "less than or equal to 1000"),
     ("/api/applications/shop/releases/r9-0000000000", 404, "shop has no release 'r9-0000000000'"),
     ("/applications/shop/releases/latest", 404, "not a Deployline version: 'latest'"),
     ("/api/applications/shop/metrics?since=yesterday", 422, "bad window"),
@@ -121,7 +124,8 @@ def test_only_readers_of_the_pipeline_see_its_releases(s3, registry):
     api = client(s3, can_read=lambda user, dag_id: dag_id != "shop_pipeline")
     assert [a["application"] for a in api.get("/api/applications").json()["applications"]] == ["empty"]
     response = api.get("/api/applications/shop/releases")
-    assert response.status_code == 403 and "you may not read shop_pipeline" in response.json()["detail"]
+    # The same answer as for an application that does not exist: no hint, and no list of the others.
+    assert response.status_code == 404 and response.json()["detail"] == "no application 'shop' that you may read"
 
 
 def test_no_user_no_data(s3, registry):
@@ -130,5 +134,9 @@ def test_no_user_no_data(s3, registry):
 
     api = client(s3, user=nobody)
     assert api.get("/api/applications").status_code == 401
+    # The API's description too: only for someone logged in.
+    assert api.get("/openapi.json").status_code == 401 and api.get("/docs").status_code == 401
+    assert client(s3).get("/openapi.json").json()["info"]["title"] == "Deployline delivery insight"
+    assert "swagger" in client(s3).get("/docs").text.lower()
     page = api.get("/applications/shop")
     assert page.status_code == 401 and "Not authenticated" in page.text and "r3-abcdef1234" not in page.text
