@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 RELOAD_INTERVAL = 0.2  # seconds between two looks at the backends file
 BACKEND_TIMEOUT = 60
+MAX_BODY = 10 * 1024 * 1024  # a request body is held in memory to be sent again to the next backend
+MAX_HANDLERS = 64  # connections served at once; the next ones wait in the listen backlog
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "trailers", "transfer-encoding", "upgrade", "expect", "content-length"}
 
@@ -76,7 +78,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # Headers and body go out in separate writes: without TCP_NODELAY each kept-alive answer
     # waits for the client's delayed ACK (about 40 ms).
     disable_nagle_algorithm = True
-    timeout = 60  # an idle client connection releases its thread after this
+    timeout = 20  # an idle client connection releases its handler after this
     server: ProxyServer
     _local = threading.local()  # this thread's backend connections: reused for speed
 
@@ -106,6 +108,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length", "0").strip() or "0"
         if not length.isdigit():
             return self._error(400, "bad Content-Length")
+        if int(length) > self.server.max_body:
+            return self._error(413, f"request body of {length} bytes, more than {self.server.max_body}")
         body = self.rfile.read(int(length))
         dropped = HOP_BY_HOP | {h.strip().lower() for h in self.headers.get("Connection", "").split(",")}
         headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
@@ -164,9 +168,25 @@ class ProxyServer(ThreadingHTTPServer):
     request_queue_size = 128
     allow_reuse_address = True
 
-    def __init__(self, port: int, backends: Backends):
-        self.backends = backends
+    def __init__(self, port: int, backends: Backends, max_body: int = MAX_BODY, max_handlers: int = MAX_HANDLERS):
+        self.backends, self.max_body = backends, max_body
+        self._handlers = threading.BoundedSemaphore(max_handlers)
         super().__init__(("127.0.0.1", port), ProxyHandler)
+
+    def process_request(self, request, client_address) -> None:
+        # One thread per connection, but at most max_handlers: the accept loop waits for a free one.
+        self._handlers.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._handlers.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._handlers.release()
 
     def handle_error(self, request, client_address) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):  # a client hanging up is normal
@@ -177,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployline.local_proxy", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--backends", required=True, help='JSON file: {"backends": ["http://127.0.0.1:1234"]}')
+    parser.add_argument("--max-body", type=int, default=MAX_BODY, help="largest request body, bytes (else 413)")
+    parser.add_argument("--max-handlers", type=int, default=MAX_HANDLERS, help="connections served at once")
     args = parser.parse_args(argv)
-    server = ProxyServer(args.port, Backends(args.backends))
+    server = ProxyServer(args.port, Backends(args.backends), args.max_body, args.max_handlers)
 
     def _terminate(_signum, _frame):
         raise SystemExit(0)
