@@ -129,7 +129,11 @@ def prepare_users(home: Path) -> dict[str, str]:
     for user in USERS:
         passwords.setdefault(user, secrets.token_urlsafe(12))
     home.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(passwords))
+    # Readable by its owner only: the admin password is in it.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(json.dumps(passwords))
+    os.chmod(path, 0o600)  # a file that existed keeps its mode through O_CREAT
     return passwords
 
 

@@ -1,5 +1,6 @@
 """Secrets stay in Airflow connections: none shows up in a task log, an XCom or the registry."""
 
+import ast
 import base64
 
 import pytest
@@ -9,8 +10,25 @@ pytestmark = [pytest.mark.e2e, pytest.mark.after_the_suite]  # every other test 
 
 
 def forms(secret: str) -> list[str]:
-    """The secret and the encodings it travels in (git's Basic authorization header)."""
-    return [secret, base64.b64encode(f"ci-bot:{secret}".encode()).decode()]
+    """The secret and the encodings it travels in (git's Basic authorization header), and hex (what a
+    build that dumps its environment writes)."""
+    return [secret, base64.b64encode(f"ci-bot:{secret}".encode()).decode(), secret.encode().hex()]
+
+
+def test_a_build_that_dumps_its_environment_finds_no_secret(e2e):
+    """A commit's build.py printed its environment, hex-encoded (test_commit_to_artifact)."""
+    dumps = []
+    for path in (e2e.home / "logs").rglob("*"):
+        if path.is_file() and "task_id=2-commit.build" in str(path):
+            for line in path.read_text(errors="replace").splitlines():
+                if "environment (hex): " in line:
+                    dumps.append(bytes.fromhex(line.split("environment (hex): ")[1].split('"')[0].split()[0]).decode())
+    assert dumps, "no build dumped its environment: the check below would prove nothing"
+    for dump in dumps:
+        names = [name for name, _ in ast.literal_eval(dump)]
+        leaked = [n for n in names if n.startswith(("AIRFLOW", "AWS_", "_AIRFLOW")) or "SECRET" in n or "PASSWORD" in n]
+        assert not leaked and "DEPLOYLINE_VERSION" in names, names
+        assert not any(value in dump for values in map(forms, SECRETS.values()) for value in values)
 
 
 def test_connection_secrets_never_leak(e2e):
