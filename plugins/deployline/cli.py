@@ -203,6 +203,18 @@ def _production_address(aws_endpoint: str) -> dict | None:
     return json.loads(body["Body"].read())
 
 
+def create_pools(args) -> int:
+    from deployline.config import load_all
+    from deployline.pools import ensure_pools
+
+    configs, errors = load_all()
+    for error in errors:
+        print(f"skipped: {error}", file=sys.stderr)
+    for name in ensure_pools(configs):
+        print(f"pool {name}: 1 slot, counting deferred tasks")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployline")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                           help="approve through the REST API, wait until the first commit is live in production, "
                                "print each stage and the production address, exit (0 only when it is live)")
     demo_cmd.set_defaults(func=demo)
+    pools_cmd = commands.add_parser("pools", help="create the one-slot deploy pools of every pipeline config in "
+                                                   "Airflow's database (run where Airflow's settings are)")
+    pools_cmd.set_defaults(func=create_pools)
     from deployline.infra_cli import add_parser as add_infra_parser  # infra up|down|status
 
     add_infra_parser(commands)

@@ -175,10 +175,11 @@ def airflow_env(
         # tests/unit/test_access_control.py) and the caller's shell selects FAB.
         "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in USERS.items()),
-        # Approval gates read the decision's note and event log through the REST API.
+        # Approval gates read the decision's note and event log through the REST API: with a
+        # read-only account (the viewer role), never an admin login.
         "AIRFLOW_CONN_DEPLOYLINE_API": json.dumps({
             "conn_type": "http", "host": f"http://localhost:{api_port}",
-            "login": "admin", "password": passwords["admin"]}),
+            "login": "viewer", "password": passwords["viewer"]}),
         "DEPLOYLINE_WORK_DIR": str(home / "deployline"),
         "PYTHONUNBUFFERED": "1",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
@@ -479,6 +480,13 @@ def start_airflow(stack: Stack, env: dict, log_dir: Path, timeout: float = 240,
     if done.returncode != 0:
         raise StackError(f"airflow db migrate failed (exit {done.returncode}); last lines of "
                          f"{log_dir / 'db-migrate.log'}:\n{last_lines(log_dir / 'db-migrate.log')}")
+    # The deploy pools, as a deployment makes them when it starts (no task creates them).
+    with open(log_dir / "pools.log", "ab") as log:
+        done = subprocess.run([sys.executable, "-m", "deployline", "pools"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=300)
+    if done.returncode != 0:
+        raise StackError(f"creating the deploy pools failed (exit {done.returncode}); last lines of "
+                         f"{log_dir / 'pools.log'}:\n{last_lines(log_dir / 'pools.log')}")
     for name in components:
         stack.start(name, [airflow, name], env, log_dir / f"{name}.log")
     base = f"http://localhost:{port}"

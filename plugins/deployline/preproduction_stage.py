@@ -9,11 +9,12 @@ from airflow.sdk import TaskGroup, chain, get_current_context
 from airflow.sdk.exceptions import AirflowFailException
 
 from deployline import aws
-from deployline.airflow_api import AirflowApiError, api_from_connection
+from deployline.airflow_api import api_from_connection
 from deployline.approvals import verify_approval
 from deployline.config import PipelineConfig
 from deployline.environment_tasks import existing_environment, run_repository_test, stack_task
 from deployline.environments.base import EnvironmentSpec, environment_name
+from deployline.pools import pool_problems
 from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, utcnow
 
@@ -24,9 +25,10 @@ DOC = """\
 
 Starts only when `5-exploratory` (approved) and `6-capacity` (thresholds met) both
 succeeded in this run, so both judged this very version; `check_release_ready` confirms it
-from the release record. `ensure_pools` creates the application's one-slot pools
-(`{pre_pool}`, `{prod_pool}`) when they are missing; they count deferred tasks, so a
-deploy that waits in the triggerer keeps its slot. `update_environment` brings the
+from the release record. `check_pools` checks the application's one-slot pools
+(`{pre_pool}`, `{prod_pool}`), made when the deployment starts
+(`python -m deployline pools`); they count deferred tasks, so a deploy that waits in the
+triggerer keeps its slot. `update_environment` brings the
 application's long-lived pre-production environment (`{env}`) to production size ({size})
 and this version, new workers up before the old ones stop; `smoke_test` runs the
 repository's smoke tests against it and checks the version it reports. Both hold the pool
@@ -70,32 +72,22 @@ def preproduction_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
                                            f"{'; '.join(problems)}")
             log.info("%s: exploratory approval and every load profile passed in this run", commit["version"])
 
-        @task(task_id="ensure_pools", retries=2)
-        def ensure_pools() -> None:
+        @task(task_id="check_pools", retries=2)
+        def check_pools() -> None:
+            # Made when the deployment starts (python -m deployline pools); read here with the read-only
+            # account, so that a missing pool is an error that says what to do, not a task never scheduled.
             api = api_from_connection()
             if api is None:
-                log.warning("no deployline_api connection: create the pools %s and %s (1 slot each, counting "
-                            "deferred tasks) yourself, e.g. `airflow pools set %s 1 'one deploy at a time' "
-                            "--include-deferred`", config.preproduction_pool, config.production_pool,
-                            config.production_pool)
+                log.warning("no deployline_api connection: cannot check the pools %s and %s; create them with "
+                            "`python -m deployline pools`", config.preproduction_pool, config.production_pool)
                 return
-            for pool in (config.preproduction_pool, config.production_pool):
-                existing = {p["name"]: p for p in api.get("/pools", limit=1000)["pools"]}
-                if pool in existing and not existing[pool]["include_deferred"]:
-                    # Made before deploys deferred: a waiting deploy must keep its slot.
-                    api.request("PATCH", f"/pools/{pool}", idempotent=True,
-                                params={"update_mask": "include_deferred"}, json={"include_deferred": True})
-                    log.info("pool %s now counts deferred tasks", pool)
-                if pool not in existing:
-                    # Sent again on SQLite's "Database error"; a pool made meanwhile (409) is as good.
-                    try:
-                        api.request("POST", "/pools", idempotent=True,
-                                    json={"name": pool, "slots": 1, "include_deferred": True,
-                                          "description": f"one {config.application} deploy at a time"})
-                    except AirflowApiError as exc:
-                        if ": 409 " not in str(exc):
-                            raise
-                    log.info("created pool %s (1 slot)", pool)
+            existing = {p["name"]: p for p in api.get("/pools", limit=1000)["pools"]}
+            problems = pool_problems(existing, config)
+            if problems:
+                raise AirflowFailException(f"{'; '.join(problems)}: run `python -m deployline pools` where Airflow's "
+                                           "settings are (make demo and the Compose init do), then clear this task")
+            log.info("pools %s and %s: 1 slot each, counting deferred tasks", config.preproduction_pool,
+                     config.production_pool)
 
         def start_update(candidate: dict, commit: dict):
             spec = EnvironmentSpec(
@@ -135,5 +127,5 @@ def preproduction_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
             "instances up before old ones stop); the stack update is waited for in the triggerer, then health.",
             op_kwargs={"candidate": candidate, "commit": commit}, pool=config.preproduction_pool, retries=1,
             **config.environments.host_queue())
-        chain(ready, ensure_pools(), endpoint, smoke_test(endpoint, candidate, commit))
+        chain(ready, check_pools(), endpoint, smoke_test(endpoint, candidate, commit))
     return group

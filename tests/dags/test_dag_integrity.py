@@ -267,7 +267,7 @@ def test_waits_on_aws_hold_no_worker_slot(parsed):
         "3-acceptance.launch_image_builder", "3-acceptance.select_inputs", "resolve_commit"}
     assert tasks["3-acceptance.provision_environment"]["retries"] == 1
     assert tasks["7-pre-production.update_environment"]["upstream"] == [
-        "3-acceptance.record_candidate", "7-pre-production.ensure_pools", "resolve_commit"]
+        "3-acceptance.record_candidate", "7-pre-production.check_pools", "resolve_commit"]
 
 
 def test_support_infrastructure_dag(parsed):

@@ -136,7 +136,7 @@ def test_compose_runs_the_celery_executor_against_postgres_redis_and_the_api_ser
         assert env["AIRFLOW__CORE__LOAD_EXAMPLES"].lower() == "false", name
         assert env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"].lower() == "false", name
         # one JWT secret for all components, or task tokens fail between them
-        assert env["AIRFLOW__API_AUTH__JWT_SECRET"], name
+        assert env["AIRFLOW__API_AUTH__JWT_SECRET_CMD"], name  # one secret, from the auth volume
     assert services["airflow-worker"]["command"].startswith("celery worker")
     assert "container_name" not in services["airflow-worker"], "a named container cannot be scaled"
     assert not services["airflow-worker"].get("ports"), "a published port cannot be scaled"
@@ -153,13 +153,30 @@ def test_compose_connections_default_to_moto_and_the_api_server(services):
     assert str(endpoint.port) in " ".join(services["moto"]["healthcheck"]["test"])
     assert extra["region_name"]
 
-    api = json.loads(env["AIRFLOW_CONN_DEPLOYLINE_API"])
-    assert api["conn_type"] == "http"
-    assert urlsplit(api["host"]).hostname == "airflow-apiserver"
-    assert urlsplit(api["host"]).port == 8080
-    assert api["login"] and api["password"]
-    admin_user = env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(",")[0].split(":")
-    assert admin_user == [api["login"], "admin"], "deployline_api must log in as an admin (pools, event log)"
+    # deployline_api: written by airflow-init with the read-only login, never an admin in a task.
+    assert "AIRFLOW_CONN_DEPLOYLINE_API" not in env
+    users = dict(u.split(":") for u in env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(","))
+    assert users["reader"] == "viewer"
+    init = services["airflow-init"]["command"][-1]
+    assert "airflow connections add deployline_api --conn-type http --conn-host http://airflow-apiserver:8080" in init
+    assert '--conn-login "$reader"' in init.replace("$$", "$")
+
+
+def test_compose_generates_its_secrets_binds_loopback_and_makes_the_pools(services):
+    """No secret anyone knows by default, no port open to the network by default, pools at start."""
+    for name in AIRFLOW_SERVICES:
+        env = _env(services[name])
+        for key in ("AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY", "AIRFLOW__CORE__FERNET_KEY"):
+            assert key not in env and env[f"{key}_CMD"].startswith("cat /opt/airflow/auth/"), (name, key)
+        assert "deployline-auth:/opt/airflow/auth:ro" in services[name]["volumes"] or name == "airflow-apiserver"
+    init = services["airflow-init"]
+    assert "secrets.token_urlsafe" in init["command"][-1] and "chmod 600 /opt/airflow/auth/*" in init["command"][-1]
+    assert "python -m deployline pools" in init["command"][-1]
+    for key in ("DEPLOYLINE_ADMIN_PASSWORD", "DEPLOYLINE_APPROVER_PASSWORD", "DEPLOYLINE_READER_PASSWORD"):
+        assert init["environment"][key].endswith(":-}"), f"{key} has a default password"
+    for name, service in services.items():
+        for port in service.get("ports") or []:
+            assert port.startswith("${DEPLOYLINE_BIND_ADDRESS:-127.0.0.1}:"), (name, port)
 
 
 def test_compose_sets_the_deployline_variables(services):
@@ -301,9 +318,9 @@ def test_env_example_sets_airflow_uid_and_the_logins():
             key, _, value = line.partition("=")
             settings[key.strip()] = value.strip()
     assert settings["AIRFLOW_UID"] == "50000"
-    for key in ("DEPLOYLINE_ADMIN_USERNAME", "DEPLOYLINE_ADMIN_PASSWORD",
-                "DEPLOYLINE_APPROVER_USERNAME", "DEPLOYLINE_APPROVER_PASSWORD"):
+    for key in ("DEPLOYLINE_ADMIN_USERNAME", "DEPLOYLINE_APPROVER_USERNAME", "DEPLOYLINE_READER_USERNAME"):
         assert key in settings, key
+    assert not any(key.endswith("PASSWORD") for key in settings), "no password in .env.example: they are generated"
     compose_text = (ROOT / "docker-compose.yaml").read_text()
     for key in settings:
         assert "${" + key in compose_text, f"{key} in .env.example is not used by docker-compose.yaml"
