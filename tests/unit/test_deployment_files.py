@@ -7,7 +7,6 @@ one Python, one moto version, the services and settings the pipeline relies on.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
