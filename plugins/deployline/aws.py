@@ -53,3 +53,18 @@ def environment_driver(config: PipelineConfig):
         cloudformation(config), ssm(config), client(config, "autoscaling"), client(config, "elbv2"),
         settings.cloudformation, health_path=settings.health_path,
     )
+
+
+def command_credentials(config: PipelineConfig, role_arn: str, session: str, seconds: int = 900) -> dict[str, str]:
+    """Short-lived credentials of ``role_arn`` for one command (AssumeRole with the pipeline's
+    connection), as the environment variables the AWS SDKs and CLI read; never the connection's own."""
+    from airflow.providers.amazon.aws.hooks.sts import StsHook
+
+    hook = StsHook(**_args(config))
+    answer = hook.conn.assume_role(RoleArn=role_arn, RoleSessionName=session[:64], DurationSeconds=seconds)
+    credentials = answer["Credentials"]
+    env = {"AWS_ACCESS_KEY_ID": credentials["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": credentials["SecretAccessKey"],
+           "AWS_SESSION_TOKEN": credentials["SessionToken"], "AWS_DEFAULT_REGION": config.aws.region,
+           "AWS_REGION": config.aws.region}
+    endpoint = hook.conn_config.endpoint_url  # moto, or a VPC endpoint: where the role's credentials work
+    return env | ({"AWS_ENDPOINT_URL": endpoint} if endpoint else {})

@@ -37,8 +37,15 @@ every path.
 """
 
 
-def _command_env(commit: dict) -> dict[str, str]:
-    return {"DEPLOYLINE_VERSION": commit["version"], "DEPLOYLINE_COMMIT": commit["sha"]}
+def _command_env(config: PipelineConfig, commit: dict, step: str) -> dict[str, str]:
+    """What a commit's command sees besides the allow-list: the config's env, the version and commit,
+    and the short-lived credentials of ``commit_stage.aws_role_arn`` when it names one."""
+    env = config.commit_stage.env | {"DEPLOYLINE_VERSION": commit["version"], "DEPLOYLINE_COMMIT": commit["sha"]}
+    role = config.commit_stage.aws_role_arn
+    if role:
+        env |= aws.command_credentials(config, role, f"deployline-{config.application}-{step}")
+        log.info("%s gets 15-minute credentials of %s", step, role)
+    return env
 
 
 # A failing command fails for good (CommandFailed is final); a try lost with its worker is
@@ -77,7 +84,8 @@ def commit_stage(config: PipelineConfig, commit) -> TaskGroup:
         ctx = get_current_context()
         folder, workdir = restored(build, ctx)
         try:
-            run_command(step.command, workdir, step.timeout, env=stage.env | _command_env(commit), logger=log)
+            run_command(step.command, workdir, step.timeout, env=_command_env(config, commit, step_name),
+                        logger=log)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -105,7 +113,7 @@ def commit_stage(config: PipelineConfig, commit) -> TaskGroup:
             folder, workdir = restored(source, ctx)
             try:
                 run_command(stage.build.command, workdir, stage.build.timeout,
-                            env=stage.env | _command_env(commit), logger=log)
+                            env=_command_env(config, commit, "build"), logger=log)
                 with artifacts.bucket_must_exist(bucket, config.source_file):
                     snapshot = workspace_store.store(aws.s3(config), bucket, _snapshot_key(config, ctx, "build"),
                                                      folder)

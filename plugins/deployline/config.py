@@ -125,6 +125,9 @@ class CommitStage(_Strict):
     static_analysis: Step
     artifact: str = Field(min_length=1, description="glob, relative to workdir, matching one file")
     env: dict[str, str] = Field(default_factory=dict)
+    aws_role_arn: ServiceRoleArn = Field(
+        default=None, description="a role the build, unit tests and static analysis get short-lived credentials "
+        "of (15 minutes, AssumeRole with the pipeline's connection); none: the commands get no AWS credentials")
 
     @field_validator("workdir", "artifact")
     @classmethod

@@ -60,7 +60,7 @@ CLIENT_NAMES = {
 }
 # Provider hooks whose ``.conn`` / ``.get_conn()`` is a client of a service (AwsBaseHook: its client_type).
 HOOK_SERVICES = {"S3Hook": "s3", "EC2Hook": "ec2", "SsmHook": "ssm", "CloudFormationHook": "cloudformation",
-                 "SnsHook": "sns", "AwsBaseHook": None}
+                 "SnsHook": "sns", "StsHook": "sts", "AwsBaseHook": None}
 
 # Client methods that are no API operation themselves.
 CLIENT_HELPERS = {"get_paginator", "get_waiter", "can_paginate", "close"}
@@ -81,6 +81,7 @@ S3_TRANSFER = {
 # -> custom waiter ec2 "image_available" -> DescribeImages).
 PROVIDER_CLASSES = {
     "S3Hook": set(),
+    "StsHook": set(),  # its client's assume_role call is collected from the code
     "EC2Hook": set(),
     "SsmHook": set(),
     "CloudFormationHook": set(),
