@@ -254,6 +254,11 @@ class SelfService(_Strict):
     default_ttl_hours: Annotated[float, Field(gt=0, le=24 * 30)] = 8
     max_ttl_hours: Annotated[float, Field(gt=0, le=24 * 30)] = 72
     max_size: Annotated[int, Field(ge=1, le=20)] = 3
+    max_per_owner: Annotated[int, Field(ge=1, le=50)] = Field(
+        default=3, description="self-service environments one owner may have running at once")
+    admins: list[str] = Field(
+        default_factory=list, description="Airflow users who may launch or destroy for someone else (the owner "
+        "of any other request is the user who triggered it)")
 
 
 class Gate(_Strict):

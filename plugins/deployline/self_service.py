@@ -131,9 +131,12 @@ def _number(value, integer: bool):
     return float(value)
 
 
-def resolve_request(registry: ReleaseRegistry, params: Mapping, config: PipelineConfig, now: datetime) -> dict:
+def resolve_request(registry: ReleaseRegistry, params: Mapping, config: PipelineConfig, now: datetime, *,
+                    user: str | None) -> dict:
     """Check a request (the form's fields) and work out what to do; raises RequestError.
 
+    ``user`` is who triggered the run (Airflow records it): the owner, unless the form names
+    someone else, which only ``self_service.admins`` may do (launch or destroy for them).
     Everything is checked again here, whatever the form or the REST API let through. For
     ``launch`` the version must be a release candidate ("" means the newest one); the result
     holds the environment name (one per owner and version: launching again reuses it), the
@@ -147,13 +150,18 @@ def resolve_request(registry: ReleaseRegistry, params: Mapping, config: Pipeline
     if action not in ACTIONS:
         problems.append(f"action: must be one of {', '.join(ACTIONS)} (got {action!r})")
 
+    user = (user or "").strip().lower()
     owner = params.get("owner")
-    owner = owner.strip() if isinstance(owner, str) else ""
+    owner = (owner.strip() if isinstance(owner, str) else "") or user
     if not owner:
-        problems.append("owner: required: your user name or e-mail address")
+        problems.append("owner: the run has no triggering user to own the environment: trigger it from the UI or "
+                        "the REST API as yourself")
     elif not _OWNER.match(owner):
         problems.append(f"owner: up to 64 letters, digits and . _ @ + - (got {owner!r})")
     owner = owner.lower()  # one person, one owner, however it is typed
+    if owner and owner != user and user not in {a.strip().lower() for a in limits.admins}:
+        problems.append(f"owner: {owner} is not you ({user or 'nobody'}): only self_service.admins may launch or "
+                        "destroy an environment for someone else")
 
     version = params.get("version")
     version = version.strip().lower() if isinstance(version, str) else version
@@ -216,6 +224,14 @@ def resolve_request(registry: ReleaseRegistry, params: Mapping, config: Pipeline
 
 
 # ---------------------------------------------------------------------- launching
+
+
+def quota_problem(owned: list[str], request: dict, limit: int) -> str | None:
+    """Why ``request`` would take its owner over ``limit`` environments (``owned``: their names), or None."""
+    if request["action"] != "launch" or request["name"] in owned or len(owned) < limit:
+        return None
+    return (f"{request['owner']} has {len(owned)} self-service environment(s) running (at most {limit}): "
+            f"{', '.join(sorted(owned))}; destroy one first (action destroy)")
 
 
 def launch_spec(config: PipelineConfig, request: dict, run_id: str) -> EnvironmentSpec:
@@ -446,7 +462,7 @@ demo, with **Trigger**; this form is all there is to fill in:
 |---|---|
 | `action` | `launch` an environment, or `destroy` it |
 | `version` | a release candidate, e.g. `r12-3f9c2a1b7d`; empty: the newest candidate (for `destroy`: all of yours) |
-| `owner` | your user name or e-mail address: one environment per owner and version |
+| `owner` | empty: you, who trigger the run (only `self_service.admins` name others); at most {max_per_owner} each |
 | `size` | workers (local driver) or instances (cloudformation), 1 to {max_size} |
 | `ttl_hours` | hours until it is removed by `{reaper}`, up to {max_ttl:g} |
 
@@ -496,9 +512,9 @@ def build_self_service_dag(config: PipelineConfig) -> DAG:
                         "(with destroy: every environment of yours).",
         ),
         "owner": Param(
-            type="string", minLength=1, maxLength=64, pattern=OWNER_PATTERN, title="Owner",
-            description="Your user name or e-mail address. One environment per owner and version: "
-                        "launching again reuses it.",
+            "", type="string", maxLength=64, pattern=f"^$|{OWNER_PATTERN}", title="Owner",
+            description="Empty: you (the user who triggers the run). Someone else only for "
+                        "self_service.admins. One environment per owner and version: launching again reuses it.",
         ),
         "size": Param(
             default_size(config), type="integer", minimum=1, maximum=limits.max_size, title="Size",
@@ -522,15 +538,21 @@ def build_self_service_dag(config: PipelineConfig) -> DAG:
         default_args=default_args(),
         tags=["deployline", app],
         doc_md=DOC.format(app=app, max_size=limits.max_size, max_ttl=limits.max_ttl_hours, reaper=REAPER_DAG_ID,
+                          max_per_owner=limits.max_per_owner,
                           driver=envs.driver, health=envs.health_path),
     ) as dag:
 
         @task(task_id="validate_request", retries=2)
         def validate_request() -> dict:
             ctx = get_current_context()
+            user = getattr(ctx["dag_run"], "triggering_user_name", None)  # who triggered it, as Airflow records
             try:
                 request = resolve_request(ReleaseRegistry.for_config(config), dict(ctx["params"]), config,
-                                          datetime.now(UTC))
+                                          datetime.now(UTC), user=user)
+                owned = [e.name for e in owned_environments(aws.environment_driver(config), app, request["owner"])]
+                problem = quota_problem(owned, request, limits.max_per_owner)
+                if problem:
+                    raise RequestError(problem)
             except RequestError as exc:
                 raise AirflowFailException(str(exc)) from exc  # no retry: the request itself must change
             if request["action"] == "launch":

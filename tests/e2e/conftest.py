@@ -69,6 +69,8 @@ def e2e(tmp_path_factory):
                               "expected": {"users": 2, "spawn_rate": 2, "duration_seconds": 3, "thresholds": loose},
                               "peak": {"users": 4, "spawn_rate": 4, "duration_seconds": 3, "thresholds": loose}}
         config["production"] = {"drain_seconds": 1, "verify_seconds": 8, "check_interval": 0.5}
+        # The tests' admin launches self-service environments for alice, bob...; others may not.
+        config["self_service"] = dict(config.get("self_service") or {}, admins=["admin"])
         (pipelines / f"{APP}.yaml").write_text(dump_config(config))
         # The same service with a throughput threshold no machine meets; triggered by hand only.
         strict = dict(config, application=STRICT_APP, polling={"schedule": None},

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import psutil
 import pytest
 from deployline import embedded
-from deployline.airflow_api import AirflowApiError
+from deployline.airflow_api import AirflowApi, AirflowApiError
 from deployline.environments.base import environment_name
 from deployline.environments.local import LocalDriver
 from deployline.releases import ReleaseRegistry
@@ -169,8 +169,6 @@ def test_bad_requests_are_refused_and_provision_nothing(e2e, forms, candidate):
     before = environment_folders(e2e)
     version = candidate["version"]
     for conf, field in [
-        ({"version": version}, "owner"),  # no owner
-        ({"version": version, "owner": ""}, "owner"),
         ({"version": version, "owner": "mallory; rm -rf /"}, "owner"),
         ({"version": version, "owner": "mallory", "size": 4}, "size"),  # over the maximum (3)
         ({"version": version, "owner": "mallory", "ttl_hours": 500}, "ttl_hours"),
@@ -194,6 +192,14 @@ def test_bad_requests_are_refused_and_provision_nothing(e2e, forms, candidate):
     assert f"the newest release candidates are: {newest['version']}" in log
     assert environment_folders(e2e) == before
     assert e2e.record("r999-abcdef1") is None
+
+    # Someone who is not in self_service.admins launches for someone else: refused, nothing started.
+    approver = AirflowApi(e2e.api.base, "approver", embedded.password(e2e.home, "approver"))
+    run_id = approver.trigger(DAG_ID, conf={"owner": "alice", "version": version})["dag_run_id"]
+    run = e2e.api.wait_for_run(DAG_ID, run_id, timeout=300)
+    assert run["state"] == "failed" and e2e.task_states(run)["validate_request"] == "failed"
+    assert "owner: alice is not you (approver): only self_service.admins may" in forms.log(run, "validate_request")
+    assert environment_folders(e2e) == before
 
 
 def test_launch_from_the_form_serves_the_candidate_and_a_relaunch_reuses_it(e2e, forms, candidate, alice):

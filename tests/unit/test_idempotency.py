@@ -436,7 +436,7 @@ def test_retrying_self_service_launch_reuses_the_environment_of_the_same_owner_a
     params = {"action": "launch", "version": V1, "owner": "alice", "size": 1, "ttl_hours": 1}
 
     def launch_once(run_id):
-        request = resolve_request(registry, params, config, now)
+        request = resolve_request(registry, params, config, now, user="alice")
         environment = provision(driver, config, request, run_id)
         return environment, record_launch(registry, request, environment, run_id, "alice", now)
 

@@ -7,6 +7,7 @@ test that runs the real local driver with the sample service.
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -41,9 +42,13 @@ NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 V1, V2, V3, V4 = "r1-aaaaaaa111", "r2-bbbbbbb222", "r3-ccccccc333", "r4-ddddddd444"
 
 
+ADMIN = "admin"  # may launch for alice, bob...: the tests' requests name their owners
+
+
 @pytest.fixture(scope="module")
 def config():
-    return load_pipeline_config(ROOT / "include" / "pipelines" / "sample_service.yaml")
+    demo = load_pipeline_config(ROOT / "include" / "pipelines" / "sample_service.yaml")
+    return demo.model_copy(update={"self_service": demo.self_service.model_copy(update={"admins": [ADMIN]})})
 
 
 @pytest.fixture
@@ -80,7 +85,7 @@ def params(**overrides):
 
 
 def test_an_empty_version_is_the_newest_candidate(release, config):
-    request = resolve_request(release, params(), config, NOW)
+    request = resolve_request(release, params(), config, NOW, user=ADMIN)
     assert request["version"] == V3 and request["requested_version"] == ""
     assert request["artifact"] == artifact(V2) and request["image_id"] == "ami-ccc333"
     assert request["expected_version"] == V2  # what /version answers: the artifact's version
@@ -90,13 +95,14 @@ def test_an_empty_version_is_the_newest_candidate(release, config):
 
 
 def test_a_named_candidate_and_the_same_environment_for_the_same_owner_and_version(release, config):
-    first = resolve_request(release, params(version=V1, ttl_hours=MIN_TTL_HOURS), config, NOW)
+    first = resolve_request(release, params(version=V1, ttl_hours=MIN_TTL_HOURS), config, NOW, user=ADMIN)
     assert first["version"] == V1 and first["expected_version"] == V1
     assert first["expires_at"] == "2025-03-01T12:00:18+00:00"
-    again = resolve_request(release, params(version=V1, owner="Alice", size=2), config, NOW + timedelta(hours=1))
+    again = resolve_request(release, params(version=V1, owner="Alice", size=2), config, NOW + timedelta(hours=1),
+                            user=ADMIN)
     assert again["name"] == first["name"] and again["owner"] == "alice"
-    assert resolve_request(release, params(version=V1, owner="bob"), config, NOW)["name"] != first["name"]
-    assert resolve_request(release, params(version=V3), config, NOW)["name"] != first["name"]
+    assert resolve_request(release, params(version=V1, owner="bob"), config, NOW, user=ADMIN)["name"] != first["name"]
+    assert resolve_request(release, params(version=V3), config, NOW, user=ADMIN)["name"] != first["name"]
 
 
 @pytest.mark.parametrize("version, says", [
@@ -106,7 +112,7 @@ def test_a_named_candidate_and_the_same_environment_for_the_same_owner_and_versi
 ])
 def test_only_candidates_can_be_launched_and_the_error_lists_the_newest(release, config, version, says):
     with pytest.raises(RequestError) as error:
-        resolve_request(release, params(version=version), config, NOW)
+        resolve_request(release, params(version=version), config, NOW, user=ADMIN)
     assert says in str(error.value)
     assert f"the newest release candidates are: {V3}, {V1}" in str(error.value)
 
@@ -114,14 +120,12 @@ def test_only_candidates_can_be_launched_and_the_error_lists_the_newest(release,
 def test_no_candidate_at_all(registry, config):
     registry.update(V1, artifact=artifact(V1))
     with pytest.raises(RequestError, match="sample_service has no release candidate yet"):
-        resolve_request(registry, params(), config, NOW)
+        resolve_request(registry, params(), config, NOW, user=ADMIN)
     with pytest.raises(RequestError, match="the newest release candidates are: none yet"):
-        resolve_request(registry, params(version=V1), config, NOW)
+        resolve_request(registry, params(version=V1), config, NOW, user=ADMIN)
 
 
 @pytest.mark.parametrize("bad, says", [
-    ({"owner": None}, "owner: required"),
-    ({"owner": "  "}, "owner: required"),
     ({"owner": "alice smith"}, "owner: up to 64 letters"),
     ({"owner": "a" * 65}, "owner: up to 64 letters"),
     ({"owner": "x;rm -rf"}, "owner: up to 64 letters"),
@@ -140,28 +144,61 @@ def test_no_candidate_at_all(registry, config):
 ])
 def test_bad_input_is_refused_with_what_to_change(release, config, bad, says):
     with pytest.raises(RequestError) as error:
-        resolve_request(release, params(**bad), config, NOW)
+        resolve_request(release, params(**bad), config, NOW, user=ADMIN)
     assert str(error.value).startswith("invalid self-service request: ")
     assert says in str(error.value)
 
 
+def test_the_owner_is_who_triggered_the_run(release, config):
+    for owner in (None, "", "  "):
+        request = resolve_request(release, params(owner=owner), config, NOW, user="Dana")
+        assert request["owner"] == "dana"
+    assert resolve_request(release, params(owner="dana"), config, NOW, user="dana")["owner"] == "dana"
+
+
+@pytest.mark.parametrize("owner, user, says", [
+    ("alice", "mallory", "owner: alice is not you (mallory): only self_service.admins may launch or destroy"),
+    ("", None, "owner: the run has no triggering user to own the environment"),
+    ("alice", None, "owner: alice is not you (nobody)"),
+])
+def test_only_admins_act_for_someone_else(release, config, owner, user, says):
+    with pytest.raises(RequestError, match=re.escape(says)):
+        resolve_request(release, params(owner=owner), config, NOW, user=user)
+    with pytest.raises(RequestError, match=re.escape(says)):  # destroying theirs too
+        resolve_request(release, params(action="destroy", owner=owner), config, NOW, user=user)
+
+
+def test_a_quota_per_owner(release, config):
+    from deployline.self_service import quota_problem
+
+    request = resolve_request(release, params(version=V1), config, NOW, user="alice")
+    others = ["dl-a", "dl-b", "dl-c"]
+    assert quota_problem(others[:2], request, 3) is None
+    assert quota_problem(others + [request["name"]], request, 3) is None  # relaunching one of them
+    assert quota_problem(others, request, 3) == (
+        "alice has 3 self-service environment(s) running (at most 3): dl-a, dl-b, dl-c; destroy one first "
+        "(action destroy)")
+    assert quota_problem(others, request | {"action": "destroy"}, 3) is None
+
+
 def test_every_problem_is_listed_at_once(release, config):
     with pytest.raises(RequestError) as error:
-        resolve_request(release, {"owner": "", "size": 9, "ttl_hours": 1000}, config, NOW)
+        resolve_request(release, {"owner": "x;y", "size": 9, "ttl_hours": 1000}, config, NOW, user=ADMIN)
     assert [p.split(":")[0] for p in str(error.value).split(": ", 1)[1].split("; ")] == ["owner", "size", "ttl_hours"]
 
 
 def test_numbers_as_strings_and_defaults(release, config):
-    request = resolve_request(release, {"owner": "ci-bot@example.com", "size": "2", "ttl_hours": "0.5"}, config, NOW)
+    request = resolve_request(release, {"owner": "ci-bot@example.com", "size": "2", "ttl_hours": "0.5"}, config, NOW,
+                              user=ADMIN)
     assert (request["size"], request["ttl_hours"], request["action"]) == (2, 0.5, "launch")
-    defaults = resolve_request(release, {"owner": "bob"}, config, NOW)
+    defaults = resolve_request(release, {"owner": "bob"}, config, NOW, user=ADMIN)
     assert (defaults["size"], defaults["ttl_hours"], defaults["version"]) == (1, 8, V3)
 
 
 def test_destroy_needs_no_candidate(release, config):
-    one = resolve_request(release, params(action="destroy", version="r77-0123456"), config, NOW)
+    one = resolve_request(release, params(action="destroy", version="r77-0123456"), config, NOW, user=ADMIN)
     assert one["name"] == environment_name("sample_service", "self_service", "alice:r77-0123456")
-    every = resolve_request(release, params(action="destroy"), config, NOW)
+    every = resolve_request(release, params(action="destroy"), config, NOW, user=ADMIN)
     assert every["name"] is None and every["version"] is None
 
 
@@ -239,7 +276,7 @@ class FakeDriver(EnvironmentDriver):
 
 
 def launch(driver, registry, config, now, run_id, **fields):
-    request = resolve_request(registry, params(**fields), config, now)
+    request = resolve_request(registry, params(**fields), config, now, user=ADMIN)
     environment = provision(driver, config, request, run_id)
     return request, environment, record_launch(registry, request, environment, run_id, "admin", now)
 
@@ -273,7 +310,7 @@ def test_launch_records_the_environment_and_a_relaunch_reuses_and_extends_it(rel
 
 def test_a_retried_provision_knows_it_created_the_environment(release, config):
     driver = FakeDriver()
-    request = resolve_request(release, params(), config, NOW)
+    request = resolve_request(release, params(), config, NOW, user=ADMIN)
     assert provision(driver, config, request, "run-1")["created"]
     assert provision(driver, config, request, "run-1")["created"]  # the retry of the same run
     assert not provision(driver, config, request, "run-2")["created"]
@@ -285,7 +322,7 @@ def test_destroy_one_or_all_of_an_owner_and_nothing_is_fine(release, config):
     three, *_ = launch(driver, release, config, NOW, "r2", version=V3)
     bobs, *_ = launch(driver, release, config, NOW, "r3", version=V3, owner="bob")
 
-    request = resolve_request(release, params(action="destroy", version=V1), config, NOW)
+    request = resolve_request(release, params(action="destroy", version=V1), config, NOW, user=ADMIN)
     result = destroy_environments(driver, release, "sample_service", request, "d1", NOW)
     assert result == {"destroyed": [{"name": one["name"], "version": V1}], "not_found": []}
     assert entry_of(release, V1, one["name"])["state"] == "destroyed"
@@ -294,11 +331,11 @@ def test_destroy_one_or_all_of_an_owner_and_nothing_is_fine(release, config):
     again = destroy_environments(driver, release, "sample_service", request, "d2", NOW)
     assert again == {"destroyed": [], "not_found": [{"name": one["name"], "version": V1}]}
 
-    unknown = resolve_request(release, params(action="destroy", version="r50-1234567"), config, NOW)
+    unknown = resolve_request(release, params(action="destroy", version="r50-1234567"), config, NOW, user=ADMIN)
     assert destroy_environments(driver, release, "sample_service", unknown, "d3", NOW)["destroyed"] == []
     assert release.get("r50-1234567") is None  # a typo makes no record
 
-    every = resolve_request(release, params(action="destroy"), config, NOW)
+    every = resolve_request(release, params(action="destroy"), config, NOW, user=ADMIN)
     result = destroy_environments(driver, release, "sample_service", every, "d4", NOW)
     assert result["destroyed"] == [{"name": three["name"], "version": V3}]
     assert set(driver.envs) == {bobs["name"]}
@@ -412,9 +449,9 @@ def test_the_self_service_dag_is_a_form(config):
     assert (schema["ttl_hours"]["type"], schema["ttl_hours"]["minimum"], schema["ttl_hours"]["maximum"]) == (
         "number", MIN_TTL_HOURS, config.self_service.max_ttl_hours)
     assert dag.params["ttl_hours"] == config.self_service.default_ttl_hours
-    assert schema["owner"]["minLength"] == 1 and schema["owner"]["pattern"] == r"^[A-Za-z0-9._@+-]{1,64}$"
-    # no default: the form asks for it, a trigger without it is refused
-    assert not dag.params.get_param("owner").has_value
+    assert schema["owner"]["pattern"] == r"^$|^[A-Za-z0-9._@+-]{1,64}$"
+    # Empty by default: the owner is the user who triggers the run (Airflow records it).
+    assert dag.params["owner"] == ""
     assert all(s.get("title") for s in schema.values())
     assert all(dag.params.get_param(name).description for name in dag.params)
 
