@@ -577,3 +577,24 @@ def test_a_failed_green_stack_rolls_the_deploy_back(aws, driver, images, deploy_
     assert caught.value.restored == "1.0.0" and "the subnet is in use" in caught.value.reason
     assert outcomes["rolled_back"] is caught.value
     assert driver.get(green) is None and driver.router(APP).live == environment_name(APP, "production", "1.0.0")
+
+
+def test_the_router_listeners_are_the_only_ones_the_pipeline_role_may_change(aws, driver, images):
+    """include/iam/deployline-pipeline-policy.json allows ModifyListener on listener/app/dlr-*/* only:
+    the routers' load balancers are named so; an environment's own load balancer is not."""
+    import fnmatch
+    import json
+    from pathlib import Path
+
+    policy = json.loads((Path(__file__).resolve().parents[2] / "include/iam/deployline-pipeline-policy.json")
+                        .read_text())
+    (pattern,) = [s["Resource"] for s in policy["Statement"] if s["Sid"] == "ElbSwitchRouterListeners"]
+    router = driver.ensure_router(APP)
+    listeners = [router.details["ProductionListenerArn"], router.details["TestListenerArn"]]
+    assert all(fnmatch.fnmatch(arn, pattern) for arn in listeners), listeners
+    own = driver.provision(spec_for(images, "1.0.0", stage="acceptance"))  # its own load balancer
+    arns = [lb["LoadBalancerArn"] for lb in aws["elbv2"].describe_load_balancers()["LoadBalancers"]]
+    others = [x["ListenerArn"] for arn in arns
+              for x in aws["elbv2"].describe_listeners(LoadBalancerArn=arn)["Listeners"] if x["ListenerArn"] not in
+              listeners]
+    assert others and not any(fnmatch.fnmatch(arn, pattern) for arn in others), (own.name, others)

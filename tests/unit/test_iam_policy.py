@@ -1213,3 +1213,14 @@ if __name__ == "__main__":  # the report: python tests/unit/test_iam_policy.py
     print(report())
     print(service_role_report())
     pytest.main([__file__, "-q", "-p", "no:cacheprovider"])
+
+
+def test_the_api_server_may_only_read():
+    """The API server (UI, insight pages) reads the release registry and task logs: read-only AWS rights,
+    and all that the insight app's registry reads need (get_object, list_objects_v2)."""
+    policy = json.loads((ROOT / "include/iam/deployline-api-server-policy.json").read_text())
+    granted = {a for s in policy["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+    assert all(a.split(":")[1].startswith(("Get", "List", "Describe")) for a in granted), granted
+    assert {"s3:GetObject", "s3:ListBucket"} <= granted
+    source = (ROOT / "plugins/deployline/insight_app.py").read_text()
+    assert "put_object" not in source and "delete_object" not in source
