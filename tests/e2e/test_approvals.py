@@ -170,9 +170,9 @@ def test_approve_with_the_required_action_button(e2e, approver, candidates):
     assert decided["via"] == "required action"
 
 
-def test_rerunning_the_stage_creates_no_second_gate_run(e2e):
-    approved = [r for r in e2e.api.runs(PIPELINE) if e2e.task_states(r).get(AWAIT) == "success"][0]
-    run_id = approved["dag_run_id"]
+def test_rerunning_the_stage_creates_no_second_gate_run(e2e, candidates):
+    run_id = pipeline_run_id(candidates["approve"])  # approved on its gate (not the run whose sensor was marked)
+    assert e2e.task_states(e2e.api.run(PIPELINE, run_id))[AWAIT] == "success"
     e2e.api.request("POST", f"/dags/{PIPELINE}/clearTaskInstances", json={
         "dry_run": False, "dag_run_id": run_id, "only_failed": False, "reset_dag_runs": True,
         "task_ids": ["5-exploratory.describe_release", "5-exploratory.request_approval", AWAIT]})
