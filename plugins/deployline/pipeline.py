@@ -20,7 +20,7 @@ from deployline.preproduction_stage import preproduction_stage
 from deployline.production_stage import production_stage
 from deployline.python_tasks import task
 from deployline.releases import ReleaseRegistry, make_version, utcnow
-from deployline.sources import GitSource
+from deployline.sources import GitSource, UnknownCommit
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,10 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
             source = GitSource.from_repository(config.repository)
             requested = (ctx["dag_run"].conf or {}).get("commit") or ctx["params"].get("commit") or ""
             sha = requested.strip().lower() or source.head()
-            commit = source.resolve(sha)
+            try:
+                commit = source.resolve(sha)
+            except UnknownCommit as exc:
+                raise AirflowFailException(str(exc)) from exc  # no retry: it will not appear
             if not source.on_branch(commit.sha):
                 # Its revision number could make the branch's next releases look "superseded".
                 raise AirflowFailException(

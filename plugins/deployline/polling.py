@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
@@ -26,6 +27,13 @@ ends as skipped.  An unreachable repository: the poll retries, then fails naming
 
 _FOUND = "ti.xcom_pull(task_ids='wait_for_commit')"
 
+
+
+class TriggerPipelineOperator(TriggerDagRunOperator):
+    """``TriggerDagRunOperator`` whose run ``note`` is a template too (the commit it was polled for):
+    the provider's is not, and the UI showed the raw template in every polled run's header."""
+
+    template_fields: Sequence[str] = (*TriggerDagRunOperator.template_fields, "note")
 
 def build_poll_dag(config: PipelineConfig) -> DAG:
     polling = config.polling
@@ -58,12 +66,12 @@ def build_poll_dag(config: PipelineConfig) -> DAG:
             timeout=polling.timeout,
             soft_fail=True,
         )
-        trigger = TriggerDagRunOperator(
+        trigger = TriggerPipelineOperator(
             task_id="trigger_pipeline",
             trigger_dag_id=config.pipeline_dag_id,
             trigger_run_id="{{ " + _FOUND + "['run_id'] }}",
             conf={"commit": "{{ " + _FOUND + "['commit'] }}", "source": "{{ dag_run.run_id }}"},
-            note="polled commit {{ " + _FOUND + "['commit'][:10] }}",
+            note="polled commit {{ " + _FOUND + "['commit'][:10] }} of " + config.repository.branch,
             # The run id is per commit: a commit already started is not started again.
             skip_when_already_exists=True,
         )

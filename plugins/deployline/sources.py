@@ -36,6 +36,10 @@ class GitError(RuntimeError):
     """A git operation failed; the message names the (redacted) repository URL."""
 
 
+class UnknownCommit(GitError):
+    """The commit asked for does not exist in the repository (or is no sha): asking again cannot help."""
+
+
 def redact(text: str) -> str:
     """Hide credentials embedded in URLs (``https://user:token@host`` -> ``https://***@host``)."""
     return _USERINFO.sub(r"\g<scheme>***@", text)
@@ -191,7 +195,7 @@ class GitSource:
                 except GitError:
                     pass
                 if not self._has_commit(mirror, sha):
-                    raise GitError(f"commit {sha!r} not found in repository {self.display_url}")
+                    raise UnknownCommit(f"commit {sha!r} not found in repository {self.display_url}")
         return mirror
 
     def _has_commit(self, mirror: Path, ref: str) -> bool:
@@ -205,7 +209,7 @@ class GitSource:
         """Full commit details for a sha (or short sha) after fetching it."""
         ref = ref.strip()
         if not _SHA.match(ref):
-            raise GitError(f"not a commit sha: {ref!r} (expected 4-40 hex characters)")
+            raise UnknownCommit(f"not a commit sha: {ref!r} (expected 4-40 hex characters)")
         mirror = self.fetch(ref)
         return self._log(mirror, "-1", ref)[0]
 

@@ -73,7 +73,7 @@ def test_poll_dag_shape(parsed):
     tasks = dag["tasks"]
     assert tasks["wait_for_commit"]["type"] == "GitCommitSensor"
     assert tasks["wait_for_commit"]["mode"] == "reschedule"
-    assert tasks["trigger_pipeline"]["type"] == "TriggerDagRunOperator"
+    assert tasks["trigger_pipeline"]["type"] == "TriggerPipelineOperator"  # its note is templated too
     assert tasks["trigger_pipeline"]["upstream"] == ["wait_for_commit"]
 
 

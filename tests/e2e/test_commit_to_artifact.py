@@ -44,6 +44,7 @@ def test_new_commits_are_polled_built_and_published(e2e):
     run, states = e2e.candidate_run(newest)
     assert states[CANDIDATE] == "success", states
     assert run["conf"]["commit"] == newest
+    assert run["note"] == f"polled commit {newest[:10]} of main"  # rendered, not the template
     assert {t: s for t, s in states.items() if not t.startswith(("1-", "3-", "5-", "6-", "7-", "8-"))} == {
         "resolve_commit": "success", "classify_change": "success", "2-commit.checkout": "success",
         "2-commit.build": "success", "2-commit.unit_test": "success", "2-commit.static_analysis": "success",

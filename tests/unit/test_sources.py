@@ -1,5 +1,5 @@
 import pytest
-from deployline.sources import GitError, GitSource, redact
+from deployline.sources import GitError, GitSource, UnknownCommit, redact
 from gitrepo import Repo, git
 
 
@@ -52,9 +52,10 @@ def test_checkout_is_clean(repo, tmp_path):
 def test_unknown_commit_and_branch(repo):
     repo.commit({"app.py": "1\n"})
     source = GitSource(str(repo.bare), "main")
-    with pytest.raises(GitError, match=f"commit 'deadbeef' not found in repository {repo.bare}"):
+    # UnknownCommit: resolve_commit fails at once, without retries (asking again cannot help).
+    with pytest.raises(UnknownCommit, match=f"commit 'deadbeef' not found in repository {repo.bare}"):
         source.resolve("deadbeef")
-    with pytest.raises(GitError, match="not a commit sha: 'main; rm -rf /'"):
+    with pytest.raises(UnknownCommit, match="not a commit sha: 'main; rm -rf /'"):
         source.resolve("main; rm -rf /")
     with pytest.raises(GitError, match=f"branch 'release' not found in repository {repo.bare}"):
         GitSource(str(repo.bare), "release").head()
