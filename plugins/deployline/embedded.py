@@ -68,12 +68,15 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.5):
     raise StackError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" ({last_error})" if last_error else ""))
 
 
+DEMO_AUTHOR = ("Deployline Demo", "demo@deployline.invalid")
+
+
 def git(*args: str, cwd: Path | None = None) -> str:
     env = os.environ | {
-        "GIT_AUTHOR_NAME": os.environ.get("GIT_AUTHOR_NAME", "Deployline Demo"),
-        "GIT_AUTHOR_EMAIL": os.environ.get("GIT_AUTHOR_EMAIL", "demo@deployline.invalid"),
-        "GIT_COMMITTER_NAME": os.environ.get("GIT_COMMITTER_NAME", "Deployline Demo"),
-        "GIT_COMMITTER_EMAIL": os.environ.get("GIT_COMMITTER_EMAIL", "demo@deployline.invalid"),
+        "GIT_AUTHOR_NAME": os.environ.get("GIT_AUTHOR_NAME", DEMO_AUTHOR[0]),
+        "GIT_AUTHOR_EMAIL": os.environ.get("GIT_AUTHOR_EMAIL", DEMO_AUTHOR[1]),
+        "GIT_COMMITTER_NAME": os.environ.get("GIT_COMMITTER_NAME", DEMO_AUTHOR[0]),
+        "GIT_COMMITTER_EMAIL": os.environ.get("GIT_COMMITTER_EMAIL", DEMO_AUTHOR[1]),
     }
     done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -93,6 +96,9 @@ def seed_repository(bare: Path, clone: Path, source: Path = SAMPLE_SERVICE, bran
     if not (clone / ".git").exists():
         shutil.rmtree(clone, ignore_errors=True)
         git("clone", "--quiet", str(bare), str(clone))
+    # Commits made in the clone by hand carry the demo's identity, not the machine's git config.
+    git("config", "user.name", DEMO_AUTHOR[0], cwd=clone)
+    git("config", "user.email", DEMO_AUTHOR[1], cwd=clone)
     if not git("ls-remote", "--heads", str(bare), branch):
         shutil.copytree(source, clone, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache", ".ruff_cache", "dist"))

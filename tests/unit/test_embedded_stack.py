@@ -144,3 +144,22 @@ def test_a_component_that_exits_while_starting_fails_the_start_at_once(tmp_path)
         assert time.monotonic() - started < 60
     finally:
         stack.stop(grace=5)
+
+
+def test_commits_made_in_the_demo_clone_carry_the_demos_identity(tmp_path, monkeypatch):
+    """Not the machine's git config: a person trying the demo commits in the clone by hand."""
+    import subprocess
+
+    for var in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.delenv(var, raising=False)
+    global_config = tmp_path / "gitconfig"
+    global_config.write_text("[user]\n\tname = Machine Owner\n\temail = owner@machine.invalid\n")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(global_config))
+    clone = tmp_path / "clone"
+    embedded.seed_repository(tmp_path / "demo.git", clone)
+    (clone / "NOTES.md").write_text("by hand\n")
+    subprocess.run(["git", "add", "-A"], cwd=clone, check=True)
+    subprocess.run(["git", "commit", "--quiet", "-m", "by hand"], cwd=clone, check=True)
+    author = subprocess.run(["git", "log", "-2", "--format=%an <%ae>"], cwd=clone, check=True, capture_output=True,
+                            text=True).stdout.split("\n")
+    assert author[:2] == ["Deployline Demo <demo@deployline.invalid>"] * 2
