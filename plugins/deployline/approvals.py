@@ -31,6 +31,7 @@ from deployline.releases import ReleaseRegistry, utcnow
 log = logging.getLogger(__name__)
 
 GATES = ("exploratory", "production")
+GATE_STAGES = {"exploratory": "5-exploratory", "production": "8-production"}  # the stage each gate belongs to
 APPROVED, REJECTED, TIMED_OUT = "approved", "rejected", "timed_out"
 
 GATE_DOC = """\
@@ -170,8 +171,12 @@ def verify_approval(config: PipelineConfig, gate: str, commit: dict, ti, run_id:
                 raise  # the task's retries look again later
             time.sleep(2)  # record_decision runs right after the decision: seconds
     if problem:
+        # The gate's stage ends here, failed, with the reason: no stage of a finished run stays "running".
+        fields = {"stages": {GATE_STAGES[gate]: {"result": "failed", "finished_at": utcnow(), "run_id": run_id,
+                                                 "error": f"approval refused: {problem}"}}}
         if "separate_duties" in problem:
-            registry.update(commit["version"], approvals={gate: decided | {"refused": problem, "refused_at": utcnow()}})
+            fields["approvals"] = {gate: decided | {"refused": problem, "refused_at": utcnow()}}
+        registry.update(commit["version"], **fields)
         raise AirflowFailException(f"{config.application} {commit['version']} may not pass {gate} approval: {problem}")
     log.info("%s approval of %s: approved by %s (%s) at %s", gate, commit["version"], decided["by"], decided.get("via"),
              decided.get("at"))

@@ -611,7 +611,8 @@ def build_self_service_dag(config: PipelineConfig) -> DAG:
             # A teardown: it runs once the launch is over, whatever happened, and removes only what a
             # failed launch made. A launch is complete when record_environment returned.
             if get_current_context()["ti"].xcom_pull(task_ids="record_environment"):
-                return {"remove": False, "why": "the launch succeeded: up until it is destroyed or expires"}
+                return {"remove": False,
+                        "why": "the launch succeeded: it stays up until it is destroyed or expires"}
             if not environment["created"]:
                 maker = environment["labels"].get("run_id")
                 return {"remove": False, "why": f"an earlier, successful launch ({maker}) made it"}
