@@ -404,9 +404,9 @@ def raise_if_a_stack_failed() -> None:
 def start_moto(stack: Stack, port: int, log_path: Path) -> str:
     if not port_is_free(port):
         raise StackError(f"port {port} for moto is in use (set DEPLOYLINE_MOTO_PORT to another port)")
-    # moto_server with S3 conditional writes made atomic, as they are on AWS (see moto_atomic).
+    # moto_server with two gaps to AWS closed: atomic conditional writes, versioned template buckets.
     plugins = os.pathsep.join(p for p in (str(PROJECT_ROOT / "plugins"), os.environ.get("PYTHONPATH")) if p)
-    stack.start("moto", [sys.executable, "-m", "deployline.moto_atomic", "-H", "127.0.0.1", "-p", str(port)],
+    stack.start("moto", [sys.executable, "-m", "deployline.moto_server", "-H", "127.0.0.1", "-p", str(port)],
                 os.environ | AWS_KEYS | {"PYTHONPATH": plugins}, log_path)
     endpoint = f"http://127.0.0.1:{port}"
     import requests

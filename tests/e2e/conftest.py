@@ -19,7 +19,7 @@ import yaml
 from deployline import embedded
 from deployline.airflow_api import AirflowApi
 from deployline.config import dump_config
-from deployline.moto_atomic import make_conditional_puts_atomic
+from deployline.moto_server import close_gaps
 from harness import APP, ARTIFACTS, BUCKET, E2E, GIT_CONN, ROOT, SECRETS, STRICT_APP
 from moto.server import ThreadedMotoServer
 
@@ -44,7 +44,7 @@ def e2e(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
-    make_conditional_puts_atomic()  # as on AWS: the registry's concurrent writes rely on it
+    close_gaps()  # as on AWS: atomic conditional writes, versioned template buckets (moto_server)
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=embedded.free_port(), verbose=False)
     moto.start()
     endpoint = f"http://127.0.0.1:{moto._server.server_port}"

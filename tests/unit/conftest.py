@@ -2,11 +2,11 @@ import boto3
 import psutil
 import pytest
 from deployline.environments.local import LocalDriver
-from deployline.moto_atomic import make_conditional_puts_atomic
+from deployline.moto_server import close_gaps
 from deployline.releases import ReleaseRegistry
 from moto import mock_aws
 
-make_conditional_puts_atomic()  # moto checks a condition, then writes; S3 does both at once
+close_gaps()  # as on AWS: atomic conditional writes, versioned template buckets (moto_server)
 
 
 @pytest.fixture

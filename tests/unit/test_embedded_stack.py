@@ -163,3 +163,22 @@ def test_commits_made_in_the_demo_clone_carry_the_demos_identity(tmp_path, monke
     author = subprocess.run(["git", "log", "-2", "--format=%an <%ae>"], cwd=clone, check=True, capture_output=True,
                             text=True).stdout.split("\n")
     assert author[:2] == ["Deployline Demo <demo@deployline.invalid>"] * 2
+
+
+def test_the_embedded_moto_makes_the_artifact_store_stacks_bucket_versioned(tmp_path):
+    """moto's CloudFormation ignores VersioningConfiguration; publishing needs a versioned bucket,
+    so the demo (stage 0 makes the bucket) failed at publish_artifact until moto_server applied it."""
+    import boto3
+
+    stack = embedded.Stack()
+    try:
+        endpoint = embedded.start_moto(stack, embedded.free_port(), tmp_path / "moto.log")
+        keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": embedded.REGION}
+        cloudformation = boto3.client("cloudformation", endpoint_url=endpoint, **keys)
+        cloudformation.create_stack(
+            StackName="store", TemplateBody=(embedded.PROJECT_ROOT / "include/cloudformation/artifact-store.yaml").read_text(),
+            Parameters=[{"ParameterKey": "BucketName", "ParameterValue": "versioned-by-template"}])
+        s3 = boto3.client("s3", endpoint_url=endpoint, **keys)
+        assert s3.get_bucket_versioning(Bucket="versioned-by-template").get("Status") == "Enabled"
+    finally:
+        stack.stop(grace=5)

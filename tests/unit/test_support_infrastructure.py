@@ -7,10 +7,11 @@ What moto (5.2.5) cannot show, and these tests therefore do not claim:
   the internet gateway (their deletes are no-ops), so the VPC keeps dependencies and DeleteStack
   fails with DependencyViolation (and moto forgets the stack anyway). The tests check that
   destroy reports that failure clearly and keeps the network's SSM parameters.
-- the bucket's versioning, public access block, lifecycle and TLS-only policy, the subnets'
+- the bucket's public access block, lifecycle and TLS-only policy, the subnets'
   MapPublicIpOnLaunch and the instance's MetadataOptions/SecurityGroupIds: moto's CloudFormation
   ignores them (cfn-lint checks the templates; a test reads the template for the security
-  properties). The versioned-bucket test turns versioning on through the API.
+  properties). It ignores the bucket's versioning too; ``deployline.moto_server`` (applied to
+  these tests by conftest, and to the embedded moto server) applies it, as CloudFormation does.
 - the CI instance gets no public IP from moto's CloudFormation, so its ``Url`` output stays an
   unresolved ``${Instance.PublicDnsName}``: launch does not publish that, and says so.
 """
@@ -28,6 +29,7 @@ import pytest
 import yaml
 from botocore.exceptions import ClientError
 from deployline import infrastructure as infra
+from deployline.artifacts import require_versioning
 from deployline.cli import main
 from deployline.config import CloudFormationSettings
 from deployline.environments.cloudformation import CloudFormationDriver
@@ -203,6 +205,9 @@ def test_launch_all_creates_the_stacks_and_publishes_their_outputs(aws, clients,
     assert parameter(aws, "/deployline/artifact-store/bucket")["Value"] == BUCKET
     encryption = aws["s3"].get_bucket_encryption(Bucket=BUCKET)["ServerSideEncryptionConfiguration"]
     assert encryption["Rules"][0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    # Versioned from the start, as publishing requires (moto_server applies the template's setting).
+    assert aws["s3"].get_bucket_versioning(Bucket=BUCKET)["Status"] == "Enabled"
+    require_versioning(aws["s3"], BUCKET)
 
     topic_arn = parameter(aws, "/deployline/notifications/topic-arn")["Value"]
     assert topic_arn == notifications.outputs["TopicArn"] and topic_arn.endswith(":deployline-notifications")
@@ -472,8 +477,6 @@ def test_network_delete_failure_keeps_its_parameters(aws, clients, config):
 def test_artifact_store_with_releases_is_refused_unless_forced(aws, clients, config):
     launch(clients, config, ["artifact_store", "notifications"])
     s3 = aws["s3"]
-    # moto ignores the template's VersioningConfiguration; in AWS the bucket is versioned from the start.
-    s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
     s3.put_object(Bucket=BUCKET, Key="sample_service/releases/1.0.0.json", Body=b"{}")
     s3.put_object(Bucket=BUCKET, Key="sample_service/releases/1.0.0.json", Body=b'{"v": 2}')  # two versions
     s3.put_object(Bucket=BUCKET, Key="sample_service/sample-service-1.0.0.tar.gz", Body=b"artifact")
