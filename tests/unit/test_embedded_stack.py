@@ -175,8 +175,9 @@ def test_the_embedded_moto_makes_the_artifact_store_stacks_bucket_versioned(tmp_
         endpoint = embedded.start_moto(stack, embedded.free_port(), tmp_path / "moto.log")
         keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": embedded.REGION}
         cloudformation = boto3.client("cloudformation", endpoint_url=endpoint, **keys)
+        template = embedded.PROJECT_ROOT / "include/cloudformation/artifact-store.yaml"
         cloudformation.create_stack(
-            StackName="store", TemplateBody=(embedded.PROJECT_ROOT / "include/cloudformation/artifact-store.yaml").read_text(),
+            StackName="store", TemplateBody=template.read_text(),
             Parameters=[{"ParameterKey": "BucketName", "ParameterValue": "versioned-by-template"}])
         s3 = boto3.client("s3", endpoint_url=endpoint, **keys)
         assert s3.get_bucket_versioning(Bucket="versioned-by-template").get("Status") == "Enabled"
