@@ -94,7 +94,8 @@ def baking_stage(config: PipelineConfig, commit) -> TaskGroup:
         def record_base_image(image_id: str, source_image: str, commit: dict) -> str:
             ReleaseRegistry.for_config(config).update(
                 commit["version"],
-                base_image={"id": image_id, "source_image": source_image, "baked": True, "version": commit["version"]},
+                base_image={"id": image_id, "source_image": source_image, "baked": True, "version": commit["version"],
+                            "commit": commit["sha"]},
                 stages={"1-baking": {"result": "success", "finished_at": utcnow(),
                                      "run_id": get_current_context()["run_id"]}},
             )

@@ -33,3 +33,58 @@ def classify(changed_paths: list[str], infrastructure_globs: list[str]) -> Class
     app = [p for p in changed_paths if not spec.match_file(p)]
     kind = BOTH if infra and app else INFRASTRUCTURE if infra else APPLICATION if app else NONE
     return Classification(kind, infra, app)
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a commit changes against what it would reuse: the classification, and since when."""
+
+    classification: Classification
+    paths: list[str]
+    included: list  # the commits since the older starting point, newest first (sources.Commit)
+    previous_version: str | None  # the build an infrastructure-only commit reuses
+    image_version: str | None  # the version that baked the image an application-only commit reuses
+
+
+def describe_change(source, registry, commit: dict, infrastructure_globs: list[str]) -> Change:
+    """Classify ``commit`` against what it would otherwise reuse.
+
+    The application is compared with the newest published build, and the infrastructure with the
+    commit that baked the newest usable base image, each of them only if it is not rejected,
+    failed or rolled back (``ReleaseRegistry.last_published`` / ``last_good_base_image``). So a
+    rejected image is never paired with a later commit's build: the later commit bakes again, and
+    the change that went into the image is part of what it releases.
+    """
+    sha, revision = commit["sha"], commit["revision"]
+
+    def start(found_sha: str | None) -> str | None:
+        # Not an ancestor (history rewritten): compare with the whole tree.
+        return found_sha if found_sha and source.is_ancestor(found_sha, sha) else None
+
+    previous = registry.last_published(before_revision=revision)
+    image = registry.last_good_base_image(before_revision=revision)
+    image_record = registry.get(image["version"]) if image and image.get("version") else None
+    app_start = start(((previous or {}).get("commit") or {}).get("sha"))
+    image_sha = (image or {}).get("commit") or ((image_record or {}).get("commit") or {}).get("sha")
+    infra_start = start(image_sha) if image else None
+
+    app_paths = source.changed_paths(app_start, sha)
+    infra_paths = app_paths if infra_start == app_start else source.changed_paths(infra_start, sha)
+    application = classify(app_paths, infrastructure_globs).application_paths
+    infrastructure = classify(infra_paths, infrastructure_globs).infrastructure_paths
+    bake = bool(infrastructure) or (image is None and bool(application))  # nothing to reuse: bake
+    build = bool(application) or (previous is None and bool(infrastructure))  # nothing to reuse: build
+    kind = BOTH if bake and build else INFRASTRUCTURE if bake else APPLICATION if build else NONE
+
+    # What this version releases that no usable release had: the commits since the last usable
+    # build, and when it bakes, since the image it would have reused (back to a rejected image's change).
+    if app_start is None or (bake and image is not None and infra_start is None):
+        oldest = None
+    elif bake and infra_start and infra_start != app_start and source.is_ancestor(infra_start, app_start):
+        oldest = infra_start
+    else:
+        oldest = app_start
+    paths = sorted(set(app_paths) | set(infrastructure))
+    return Change(Classification(kind, infrastructure, application), paths,
+                  source.commits_between(oldest, sha), (previous or {}).get("version"),
+                  (image or {}).get("version"))

@@ -10,7 +10,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from deployline.acceptance_stage import acceptance_stage
 from deployline.baking_stage import baking_stage
 from deployline.capacity_stage import capacity_stage
-from deployline.changes import BOTH, Classification, classify
+from deployline.changes import describe_change
 from deployline.commit_stage import commit_stage
 from deployline.config import PipelineConfig
 from deployline.dag_defaults import START_DATE, default_args, with_trigger_form
@@ -34,9 +34,11 @@ empty to build the branch head).
 
 * `resolve_commit`: the commit, its author and message, and its version
   (`r<revision>-<short sha>`, revision = commits on the branch up to it).
-* `classify_change`: the paths changed since the last published release decide what
-  runs: infrastructure paths (`{globs}`) mean baking a new image, any other path
-  means `2-commit`.  A commit that changes nothing is recorded and builds nothing.
+* `classify_change`: what changed decides what runs. Infrastructure paths (`{globs}`)
+  changed since the commit that baked the newest usable base image mean baking a new
+  image; any other path changed since the newest usable build means `2-commit`
+  ("usable": not rejected, failed or rolled back, so neither is ever reused). A commit
+  that changes nothing is recorded and builds nothing.
 * `1-baking`: a builder instance provisioned by the repository's infrastructure script,
   a base AMI from it (deferrable readiness sensor); the builder is always terminated.
 * `2-commit`: build, unit tests, static analysis, artifact to S3.
@@ -114,27 +116,19 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
             ctx = get_current_context()
             source = GitSource.from_repository(config.repository)
             registry = ReleaseRegistry.for_config(config)
-            previous = registry.last_published(before_revision=commit["revision"])
-            base = previous["commit"]["sha"] if previous else None
-            if base and not source.is_ancestor(base, commit["sha"]):
-                log.info("last release %s is not an ancestor of %s: comparing with the whole tree",
-                         previous["version"], commit["sha"])
-                base = None
-            paths = source.changed_paths(base, commit["sha"])
-            included = [c.to_dict() for c in source.commits_between(base, commit["sha"])]
-            result = classify(paths, config.infrastructure_paths)
-            # The first release of an application has no image to reuse: it bakes too.
-            if previous is None and paths:
-                result = Classification(BOTH, result.infrastructure_paths, result.application_paths)
-            log.info("%d commit(s) since %s, %d path(s) changed: %s",
-                     len(included), previous["version"] if previous else "the beginning", len(paths), result.kind)
+            change = describe_change(source, registry, commit, config.infrastructure_paths)
+            result, paths = change.classification, change.paths
+            included = [c.to_dict() for c in change.included]
+            log.info("%d commit(s) since the last usable build (%s) and base image (%s), %d path(s) changed: %s",
+                     len(included), change.previous_version or "none", change.image_version or "none",
+                     len(paths), result.kind)
             for path in paths[:200]:
                 log.info("  %s", path)
             registry.update(
                 commit["version"],
                 commit=commit,
                 run_id=ctx["run_id"],
-                previous_version=previous["version"] if previous else None,
+                previous_version=change.previous_version,
                 included_commits=included,
                 changed_paths=paths,
                 classification=result.to_dict(),

@@ -43,6 +43,31 @@ def revision_of(version: str) -> int:
     return int(match["revision"])
 
 
+# Stages whose failure may only mean that nobody decided in time: their verdicts are the
+# approvals' decisions and production's result instead.
+_GATED_STAGES = ("5-exploratory", "8-production")
+
+
+def stopped_because(record: dict) -> str | None:
+    """Why a release was judged unfit, or None: a rejected or refused approval, a failed stage, a
+    rollback in production. Such a version is not offered to self-service, and neither its build
+    nor its base image is reused by a later commit.
+
+    An approval that timed out is no verdict (nobody looked), so it stops only its own run.
+    """
+    for gate, decided in sorted((record.get("approvals") or {}).items()):
+        if decided.get("refused"):
+            return f"{gate} approval refused"
+        if decided.get("decision") == "rejected":
+            return f"{gate} approval rejected"
+    for stage, entry in sorted((record.get("stages") or {}).items()):
+        if stage not in _GATED_STAGES and isinstance(entry, dict) and entry.get("result") == "failed":
+            return f"{stage} failed"
+    if (record.get("production") or {}).get("result") == "rolled_back":
+        return "rolled back in production"
+    return None
+
+
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -280,11 +305,35 @@ class ReleaseRegistry:
         return None
 
     def last_good_base_image(self, before_revision: int | None = None) -> dict | None:
-        """The base image of the newest candidate (it passed acceptance), else the newest baked one."""
-        record = self._newest(before_revision, lambda r: r.get("candidate") and r.get("base_image"))
-        record = record or self._newest(before_revision, lambda r: (r.get("base_image") or {}).get("baked"))
+        """The base image of the newest candidate (it passed acceptance), else the newest baked one.
+
+        Never an image whose baking version, or the candidate found, was rejected, failed or
+        rolled back (``stopped_because``): an image that failed once is not released later.
+        """
+        verdicts: dict[str, bool] = {}
+
+        def baked_by_a_good_version(image: dict) -> bool:
+            baker = image.get("version")
+            if not baker:  # recorded before images named their version: nothing to check
+                return True
+            if baker not in verdicts:
+                record = self.get(baker)
+                verdicts[baker] = bool(record) and stopped_because(record) is None
+            return verdicts[baker]
+
+        def usable(record: dict, candidate: bool) -> bool:
+            image = record.get("base_image") or {}
+            if not image.get("id") or (candidate and not record.get("candidate")):
+                return False
+            if not candidate and not image.get("baked"):
+                return False
+            return stopped_because(record) is None and baked_by_a_good_version(image)
+
+        record = self._newest(before_revision, lambda r: usable(r, candidate=True))
+        record = record or self._newest(before_revision, lambda r: usable(r, candidate=False))
         return record["base_image"] if record else None
 
     def last_published(self, before_revision: int | None = None) -> dict | None:
-        """The newest record with a published artifact (older than ``before_revision`` if given)."""
-        return self._newest(before_revision, lambda r: r.get("artifact"))
+        """The newest record with a published artifact (older than ``before_revision`` if given),
+        skipping versions that were rejected, failed or rolled back: their build is not reused."""
+        return self._newest(before_revision, lambda r: r.get("artifact") and stopped_because(r) is None)

@@ -29,7 +29,7 @@ from deployline.dag_defaults import START_DATE, default_args, with_trigger_form
 from deployline.environment_tasks import stack_task
 from deployline.environments.base import EnvironmentFailed, EnvironmentSpec, StackOperation, environment_name
 from deployline.python_tasks import task
-from deployline.releases import ReleaseRegistry
+from deployline.releases import ReleaseRegistry, stopped_because
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,12 @@ def is_expired(labels: Mapping | None, now: datetime, entry: Mapping | None = No
 
 
 def candidates(registry: ReleaseRegistry, limit: int | None = None) -> list[dict]:
-    """Release records with a candidate, newest first."""
+    """Release records with a candidate that may still go to production, newest first
+    (a rejected, failed or rolled-back version is not offered: ``stopped_because``)."""
     found = []
     for version in reversed(registry.versions()):
         record = registry.get(version)
-        if record and record.get("candidate"):
+        if record and record.get("candidate") and stopped_because(record) is None:
             found.append(record)
             if limit is not None and len(found) >= limit:
                 break
@@ -194,9 +195,12 @@ def resolve_request(registry: ReleaseRegistry, params: Mapping, config: Pipeline
 
     if version:
         record = registry.get(version)
-        if not record or not record.get("candidate"):
+        stopped = stopped_because(record) if record else None
+        if not record or not record.get("candidate") or stopped:
             listed = ", ".join(r["version"] for r in candidates(registry, LISTED_CANDIDATES)) or "none yet"
-            what = "has no release record" if not record else "is not a release candidate (it did not pass acceptance)"
+            what = ("has no release record" if not record
+                    else "is not a release candidate (it did not pass acceptance)" if not record.get("candidate")
+                    else f"is no longer a release candidate ({stopped})")
             raise RequestError(
                 f"version {version} of {config.application} {what}; "
                 f"the newest release candidates are: {listed}")

@@ -2,7 +2,8 @@
 
 import pytest
 from deployline import embedded
-from harness import CANDIDATE, images_of, leftovers
+from deployline.airflow_api import AirflowApi
+from harness import APP, CANDIDATE, images_of, leftovers
 
 pytestmark = pytest.mark.e2e
 
@@ -14,6 +15,10 @@ ACCEPTANCE = ("3-acceptance.select_inputs", "3-acceptance.provision_environment"
               "3-acceptance.launch_image_builder", "3-acceptance.install_artifact",
               "3-acceptance.create_application_image", "3-acceptance.wait_for_application_image",
               "3-acceptance.terminate_image_builder", "3-acceptance.record_candidate")
+
+
+GATE = f"{APP}_approve_exploratory"
+WAITING = ("awaiting_input", "up_for_reschedule")  # a Required Action; or a sensor between looks
 
 
 def states_of(states, names):
@@ -48,6 +53,20 @@ def test_first_release_bakes_builds_and_becomes_a_candidate(e2e, seeded):
     assert seeded["stages"]["3-acceptance"]["result"] == "success"
 
 
+def test_application_only_commit_bakes_nothing(e2e, seeded):
+    app = e2e.clone / "src/sample_service/app.py"
+    (sha,) = e2e.push({"src/sample_service/app.py": app.read_text() + "# An application change.\n"}, "Tweak the app")
+    run, states = e2e.candidate_run(sha)
+    assert states[CANDIDATE] == "success", states
+    assert states_of(states, BAKING) == {"skipped"}
+    assert states_of(states, ACCEPTANCE) == {"success"}
+    record = e2e.record(e2e.version(sha))
+    assert record["classification"]["kind"] == "application"
+    assert "baked" not in record["base_image"] or record["base_image"]["version"] != record["version"]
+    assert record["artifact_version"] == record["version"]
+    assert set(images_of(e2e, record["version"])) == {"application"}
+
+
 def test_infrastructure_only_commit_bakes_and_reuses_the_artifact(e2e, seeded):
     parent = embedded.git("rev-parse", "HEAD", cwd=e2e.clone)  # the last release, built by an earlier test
     before = e2e.record(e2e.version(parent))
@@ -67,18 +86,37 @@ def test_infrastructure_only_commit_bakes_and_reuses_the_artifact(e2e, seeded):
     assert set(images_of(e2e, record["version"])) == {"base", "application"}
 
 
-def test_application_only_commit_bakes_nothing(e2e, seeded):
+def test_an_image_rejected_at_exploratory_is_not_reused_by_the_next_commit(e2e, seeded):
+    """Issue 18: the next application-only commit reused a rejected base image and released it."""
+    approver = AirflowApi(e2e.api.base, "approver", embedded.password(e2e.home, "approver"))
+    script = e2e.clone / "infrastructure/provision.sh"
+    (risky,) = e2e.push({"infrastructure/provision.sh": script.read_text() + "# risky\n"}, "Risky provisioning")
+    run, states = e2e.candidate_run(risky)
+    assert states[CANDIDATE] == "success", states
+    run_id = run["dag_run_id"]
+
+    def asked():
+        gate = {r["dag_run_id"] for r in e2e.api.runs(GATE)}
+        return run_id in gate and e2e.api.task_instances(GATE, run_id)["decision"]["state"] in WAITING
+
+    embedded.wait_until(asked, 120, f"{run_id} to ask for exploratory approval", interval=1)
+    approver.set_task_state(GATE, run_id, "decision", "failed", note="The new image is slow")
+    assert e2e.api.wait_for_run(f"{APP}_pipeline", run_id, timeout=180)["state"] == "failed"
+    rejected = e2e.record(e2e.version(risky))
+    assert rejected["approvals"]["exploratory"]["decision"] == "rejected"
+
     app = e2e.clone / "src/sample_service/app.py"
-    (sha,) = e2e.push({"src/sample_service/app.py": app.read_text() + "# An application change.\n"}, "Tweak the app")
+    (sha,) = e2e.push({"src/sample_service/app.py": app.read_text() + "# After a rejected image.\n"}, "Tweak again")
     run, states = e2e.candidate_run(sha)
     assert states[CANDIDATE] == "success", states
-    assert states_of(states, BAKING) == {"skipped"}
-    assert states_of(states, ACCEPTANCE) == {"success"}
     record = e2e.record(e2e.version(sha))
-    assert record["classification"]["kind"] == "application"
-    assert "baked" not in record["base_image"] or record["base_image"]["version"] != record["version"]
-    assert record["artifact_version"] == record["version"]
-    assert set(images_of(e2e, record["version"])) == {"application"}
+    # It bakes again: the provisioning change was never accepted, so it is part of this release.
+    assert states_of(states, BAKING) == {"success"}
+    assert record["classification"]["infrastructure_paths"] == ["infrastructure/provision.sh"]
+    assert record["base_image"]["version"] == record["version"] and record["base_image"]["commit"] == sha
+    assert record["base_image"]["id"] != rejected["base_image"]["id"]
+    assert [c["sha"] for c in record["included_commits"]][:2] == [sha, risky]
+    assert record["candidate"]["base_image"] == record["base_image"]["id"]
 
 
 def test_commit_touching_both_bakes_and_builds(e2e, seeded):

@@ -19,7 +19,7 @@ from deployline import embedded
 from deployline.airflow_api import AirflowApi, AirflowApiError
 from deployline.environments.base import environment_name
 from deployline.environments.local import LocalDriver
-from deployline.releases import ReleaseRegistry
+from deployline.releases import ReleaseRegistry, revision_of
 from deployline.sensors import pipeline_run_id
 from harness import APP, BUCKET, leftovers
 
@@ -188,10 +188,18 @@ def test_bad_requests_are_refused_and_provision_nothing(e2e, forms, candidate):
     assert states["remove_failed_launch"] == "upstream_failed"  # nothing was provisioned
     log = forms.log(run, "validate_request")
     assert "version r999-abcdef1 of sample_service has no release record" in log
-    newest = next(r for r in reversed(ReleaseRegistry(e2e.s3, BUCKET, APP).records()) if r.get("candidate"))
+    newest, _ = offered_and_rolled_back(e2e)
     assert f"the newest release candidates are: {newest['version']}" in log
     assert environment_folders(e2e) == before
     assert e2e.record("r999-abcdef1") is None
+
+    # A release that rolled back in production is no longer offered, even by name.
+    rolled_back = offered_and_rolled_back(e2e)[1][-1]["version"]
+    run = forms.trigger(owner="mallory", version=rolled_back)
+    assert run["state"] == "failed" and e2e.task_states(run)["validate_request"] == "failed"
+    assert f"version {rolled_back} of sample_service is no longer a release candidate (rolled back in production)" \
+        in forms.log(run, "validate_request")
+    assert environment_folders(e2e) == before
 
     # Someone who is not in self_service.admins launches for someone else: refused, nothing started.
     approver = AirflowApi(e2e.api.base, "approver", embedded.password(e2e.home, "approver"))
@@ -228,8 +236,26 @@ def test_launch_from_the_form_serves_the_candidate_and_a_relaunch_reuses_it(e2e,
     assert answers(alice["url"])
 
 
-def test_an_empty_version_launches_the_newest_candidate(e2e, forms, candidate):
-    newest = next(r for r in reversed(ReleaseRegistry(e2e.s3, BUCKET, APP).records()) if r.get("candidate"))
+def offered_and_rolled_back(e2e) -> tuple[dict, list[dict]]:
+    """The newest candidate that was neither rejected, failed nor rolled back; the rolled-back ones."""
+    records = [r for r in ReleaseRegistry(e2e.s3, BUCKET, APP).records() if r.get("candidate")]
+    rolled_back = [r for r in records if (r.get("production") or {}).get("result") == "rolled_back"]
+
+    def judged(record):
+        decisions = (record.get("approvals") or {}).values()
+        return (record in rolled_back
+                or any(d.get("decision") == "rejected" or d.get("refused") for d in decisions)
+                or any(e.get("result") == "failed" for s, e in (record.get("stages") or {}).items()
+                       if s not in ("5-exploratory", "8-production")))
+
+    return next(r for r in reversed(records) if not judged(r)), rolled_back
+
+
+def test_an_empty_version_launches_the_newest_candidate_never_a_rolled_back_one(e2e, forms, candidate):
+    """Issue 18: a rolled-back (or rejected, or failed) version was offered as the newest candidate."""
+    newest, rolled_back = offered_and_rolled_back(e2e)
+    assert rolled_back, "test_production leaves a release that rolled back in production"
+    assert revision_of(rolled_back[-1]["version"]) > revision_of(newest["version"])
     run = forms.launch(owner="carol")
     assert forms.xcom(run, "validate_request")["version"] == newest["version"]
     entry = forms.entry("carol", newest["version"])

@@ -117,6 +117,21 @@ def test_only_candidates_can_be_launched_and_the_error_lists_the_newest(release,
     assert f"the newest release candidates are: {V3}, {V1}" in str(error.value)
 
 
+@pytest.mark.parametrize("fields, reason", [
+    ({"production": {"result": "rolled_back"}}, "rolled back in production"),
+    ({"stages": {"6-capacity": {"result": "failed"}}}, "6-capacity failed"),
+    ({"approvals": {"exploratory": {"decision": "rejected"}}}, "exploratory approval rejected"),
+])
+def test_a_rejected_failed_or_rolled_back_candidate_is_not_offered(release, config, fields, reason):
+    release.update(V3, **fields)
+    assert [r["version"] for r in candidates(release)] == [V1]
+    assert resolve_request(release, params(), config, NOW, user=ADMIN)["version"] == V1
+    with pytest.raises(RequestError) as error:
+        resolve_request(release, params(version=V3), config, NOW, user=ADMIN)
+    assert f"version {V3} of sample_service is no longer a release candidate ({reason})" in str(error.value)
+    assert f"the newest release candidates are: {V1}" in str(error.value)
+
+
 def test_no_candidate_at_all(registry, config):
     registry.update(V1, artifact=artifact(V1))
     with pytest.raises(RequestError, match="sample_service has no release candidate yet"):
