@@ -189,8 +189,8 @@ def airflow_env(
         "DEPLOYLINE_WORK_DIR": str(home / "deployline"),
         "PYTHONUNBUFFERED": "1",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        # Airflow's log servers (8793 and 8794 by default, on every interface) on free ports, so two
-        # stacks on one machine do not collide.
+        # Airflow's log servers are not started here (start_airflow); should a caller start one,
+        # it takes a free port rather than 8793/8794, so two stacks on one machine do not collide.
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
@@ -494,7 +494,10 @@ def start_airflow(stack: Stack, env: dict, log_dir: Path, timeout: float = 240,
         raise StackError(f"creating the deploy pools failed (exit {done.returncode}); last lines of "
                          f"{log_dir / 'pools.log'}:\n{last_lines(log_dir / 'pools.log')}")
     for name in components:
-        stack.start(name, [airflow, name], env, log_dir / f"{name}.log")
+        # No log server: Airflow's binds every interface, whatever the port; on one machine the
+        # API server reads the task and trigger logs from their files.
+        serve_logs = ["--skip-serve-logs"] if name in ("scheduler", "triggerer") else []
+        stack.start(name, [airflow, name, *serve_logs], env, log_dir / f"{name}.log")
     base = f"http://localhost:{port}"
     import requests
 

@@ -14,6 +14,7 @@ from deployline.commands import run_command
 from deployline.config import PipelineConfig, RepositoryTest
 from deployline.environments.base import EnvironmentFailed, EnvironmentSpec, environment_name
 from deployline.python_tasks import task
+from deployline.releases import ReleaseRegistry
 from deployline.sources import GitSource
 from deployline.stack_readiness import StackOperator
 from deployline.workdirs import remove_workspace, workspace
@@ -46,13 +47,23 @@ def existing_environment(driver, name: str):
 
 def run_repository_test(config: PipelineConfig, test: RepositoryTest | None, field: str, commit: dict, endpoint: str,
                         expected_version: str, key: str) -> list[str]:
-    """Run ``test.command`` from the repository at ``commit`` against ``endpoint``; the last output lines."""
+    """Run ``test.command`` from the repository at ``commit`` against ``endpoint``; the last output lines.
+
+    The command gets ``BASE_URL``, ``EXPECTED_VERSION`` (the artifact's version: an
+    infrastructure-only release runs an earlier build) and ``EXPECTED_COMMIT`` (the commit that
+    artifact was built from, from its release record), so the tests can check what is deployed.
+    """
     if test is None:
         raise RuntimeError(f"{config.source_file}: {field}: no command is configured")
+    built_by = ReleaseRegistry.for_config(config).get(expected_version) or {}
+    expected_commit = (built_by.get("commit") or {}).get("sha")
+    if not expected_commit:
+        raise RuntimeError(f"{field}: the release record of {expected_version}, which built the artifact, "
+                           "names no commit: cannot tell the tests which build to expect")
     checkout = GitSource.from_repository(config.repository).checkout(commit["sha"], workspace(config.application, key))
     try:
         command = test.command.format(base_url=shlex.quote(endpoint))
-        env = {"BASE_URL": endpoint, "EXPECTED_VERSION": expected_version}
+        env = {"BASE_URL": endpoint, "EXPECTED_VERSION": expected_version, "EXPECTED_COMMIT": expected_commit}
         return run_command(command, checkout / config.commit_stage.workdir, test.timeout,
                            env=config.commit_stage.env | env, logger=log)
     finally:

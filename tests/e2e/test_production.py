@@ -98,6 +98,9 @@ def test_full_path_to_production(e2e, first_release):
         key = summary["reports"][f"{profile}.html"].split("/", 3)[3]
         assert e2e.s3.head_object(Bucket="deployline-e2e", Key=key)["ContentType"] == "text/html"
     assert record["preproduction"]["endpoint"] and record["production"]["result"] == "deployed"
+    # The tests were told which build to expect (EXPECTED_VERSION and EXPECTED_COMMIT): none skipped.
+    for output in (record["preproduction"]["smoke_output"], record["candidate"]["acceptance_output"]):
+        assert " passed" in output[-1] and "skipped" not in output[-1], output
     # Pre-production runs this version at production size.
     preproduction = [s for s in environments(e2e).values() if s["stage"] == "preproduction"]
     assert [(s["version"], len([p for p in s["processes"] if p["role"] == "worker"])) for s in preproduction] == [

@@ -68,3 +68,25 @@ def test_connection_secrets_never_leak(e2e):
     # The scan really read something: task logs of several DAGs, XComs and release records.
     assert len(logs) > 20 and len(xcoms) > 20 and records > 3, (len(logs), len(xcoms), records)
     assert found == [], found
+
+
+def test_nothing_the_stack_started_listens_beyond_loopback(e2e):
+    """Issue 18: Airflow's log servers listened on every interface (0.0.0.0:8793/8794), whatever
+    the demo's port settings. The embedded stack starts none; everything else binds loopback."""
+    import psutil
+
+    listening = []
+    for _name, process in e2e.stack.processes():
+        try:
+            family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for member in family:
+            try:
+                sockets = member.net_connections(kind="inet")
+            except psutil.NoSuchProcess:
+                continue
+            listening += [(member.pid, " ".join(member.cmdline()[:3]), s.laddr.ip, s.laddr.port)
+                          for s in sockets if s.status == psutil.CONN_LISTEN]
+    assert listening, "no listening socket found: the check would prove nothing"
+    assert [entry for entry in listening if entry[2] not in ("127.0.0.1", "::1")] == []
