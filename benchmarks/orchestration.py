@@ -34,7 +34,7 @@ from orchestration_analysis import analyse_run, sensor_ids
 BUCKET = "deployline-bench"
 DEPLOY = "8-production.deploy"
 GATES = ("exploratory", "production")
-WAITING = ("awaiting_input", "up_for_reschedule")  # a gate's decision that waits for a person
+WAITING = ("deferred", "awaiting_input", "up_for_reschedule")  # a gate's decision that waits for a person
 FINISHED = ("success", "failed")
 RAW = None  # a folder for each release's run, tasks and task instances as the REST API gave them (--raw)
 

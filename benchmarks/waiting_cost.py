@@ -98,7 +98,7 @@ def decide(api, run_id: str, state: str, note: str) -> None:
     """Mark the gate's decision of ``run_id`` (once it waits)."""
     def waits():
         ti = api.get(f"/dags/{GATE}/dagRuns/{run_id}/taskInstances/decision")
-        return ti.get("state") in ("awaiting_input", "up_for_reschedule")
+        return ti.get("state") in ("deferred", "awaiting_input", "up_for_reschedule")
 
     embedded.wait_until(waits, 300, f"the decision of {run_id}", 1)
     api.set_task_state(GATE, run_id, "decision", state, note=note)

@@ -15,14 +15,14 @@ import time
 from datetime import timedelta
 
 from airflow.providers.amazon.aws.operators.sns import SnsPublishOperator
-from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.providers.standard.sensors.external_task import ExternalTaskSensor
 from airflow.sdk import DAG, BaseSensorOperator, Param, TriggerRule, chain, get_current_context
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from deployline import notifications
 from deployline.airflow_api import api_from_connection
+from deployline.approval_requests import WITHDRAWN, WithdrawableApprovalOperator, withdrawal_reason
 from deployline.config import PipelineConfig
 from deployline.dag_defaults import START_DATE, default_args
 from deployline.python_tasks import task
@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 GATES = ("exploratory", "production")
 GATE_STAGES = {"exploratory": "5-exploratory", "production": "8-production"}  # the stage each gate belongs to
 APPROVED, REJECTED, TIMED_OUT = "approved", "rejected", "timed_out"
+AWAIT_TASK = "await_approval"  # in each gate's stage of the pipeline
+# The other branch of the fan-in: when one of these fails, the exploratory request is withdrawn.
+WITHDRAWS = {"exploratory": ("6-capacity.provision_environment", "6-capacity.wait_until_healthy",
+                             "6-capacity.load_test_expected", "6-capacity.load_test_peak",
+                             "6-capacity.record_capacity")}
 
 GATE_DOC = """\
 ## {app}: {gate} approval
@@ -44,7 +49,10 @@ waits for a person with the `{role}` role:
   your comment){hitl_hint}.
 * **Reject**: mark it *failed* (or Reject). The release stops at this stage.
 
-No decision within {hours:g} hours counts as a rejection. `record_decision` writes the
+No decision within {hours:g} hours counts as a rejection. When the pipeline run can no
+longer use a decision (a load test failed next to exploratory testing, or the run's own
+wait ended), the request is **withdrawn**: `decision` ends *skipped*, answered "Withdrawn:
+<reason>", and nobody needs to decide. `record_decision` writes the
 decision, the person, the time and the note to the release record, and a message goes
 to the application's notification topic. The release under decision is described in
 this run's conf (version, commit, images, links).
@@ -65,6 +73,9 @@ class AwaitApprovalSensor(ExternalTaskSensor):
         if event and event.get("status") == "failed":
             raise AirflowFailException(f"{self.external_dag_id}: the decision was rejected or timed out "
                                        f"(decision {event.get('status')}); the release stops here")
+        if event and event.get("status") == "skipped":
+            raise AirflowSkipException(f"{self.external_dag_id}: the approval request was withdrawn (the "
+                                       "release cannot go on: see the gate run's decision)")
         return super().execute_complete(context, event)
 
 
@@ -77,18 +88,28 @@ class AwaitDecisionSensor(BaseSensorOperator):
 
     ui_color = "#fff3cd"
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, pipeline_dag_id: str, wait_task_id: str, watched_task_ids: list[str] | None = None,
+                 **kwargs):
         kwargs.setdefault("mode", "reschedule")
         super().__init__(**kwargs)
+        self.pipeline_dag_id = pipeline_dag_id
+        self.wait_task_id = wait_task_id
+        self.watched_task_ids = list(watched_task_ids or [])
 
     def poke(self, context) -> bool:
         conf = context["dag_run"].conf or {}
+        ti = context["ti"]
+        states = ti.get_task_states(dag_id=self.pipeline_dag_id, run_ids=[ti.run_id],
+                                    task_ids=[*self.watched_task_ids, self.wait_task_id])
+        reason = withdrawal_reason(states.get(ti.run_id) or {}, self.watched_task_ids, self.wait_task_id)
+        if reason:
+            raise AirflowSkipException(f"{WITHDRAWN}: {reason}")
         self.log.info("waiting for a person to approve or reject %s (%s)", conf.get("version"), conf.get("links", {}))
         return False
 
 
 def decision_outcome(state: str | None, hitl: dict | None, timed_out: bool) -> str:
-    """approved / rejected / timed_out, from the Required Action's answer, else the decision's state.
+    """approved / rejected / timed_out / withdrawn, from the Required Action's answer, else the decision's state.
 
     The answer comes first: it exists as soon as the person presses the button, while the
     task's own state turns success only once the task has resumed.
@@ -98,6 +119,8 @@ def decision_outcome(state: str | None, hitl: dict | None, timed_out: bool) -> s
         return APPROVED
     if chosen == ["Reject"]:
         return REJECTED
+    if state == "skipped":
+        return WITHDRAWN  # the pipeline run could not use a decision any more (approval_requests)
     if state == "success":
         return APPROVED
     return TIMED_OUT if timed_out else REJECTED
@@ -187,6 +210,9 @@ def build_gate_dag(config: PipelineConfig, gate: str) -> DAG:
     settings = getattr(config.approvals, gate)
     timeout = timedelta(hours=settings.timeout_hours)
     role = config.approvals.approver_role
+    # The request is withdrawn when the pipeline run cannot use the decision (approval_requests).
+    watching = {"pipeline_dag_id": config.pipeline_dag_id, "wait_task_id": f"{GATE_STAGES[gate]}.{AWAIT_TASK}",
+                "watched_task_ids": list(WITHDRAWS.get(gate, ()))}
     with DAG(
         dag_id=gate_dag_id(config, gate),
         description=f"{gate.capitalize()} approval of {config.application} releases",
@@ -203,8 +229,9 @@ def build_gate_dag(config: PipelineConfig, gate: str) -> DAG:
                                if settings.mode == "hitl" else ""),
     ) as dag:
         if settings.mode == "hitl":
-            decision = ApprovalOperator(
+            decision = WithdrawableApprovalOperator(
                 task_id="decision",
+                **watching,
                 subject=f"{gate.capitalize()} approval: {config.application} "
                         "{{ dag_run.conf.get('version', '?') }}",
                 body="{{ dag_run.conf.get('summary', '') }}",
@@ -216,7 +243,7 @@ def build_gate_dag(config: PipelineConfig, gate: str) -> DAG:
             # Retries: a failed poke (see docs/PERFORMANCE.md) must not count as a rejection;
             # a person marking it failed is final all the same.
             decision = AwaitDecisionSensor(task_id="decision", timeout=timeout.total_seconds(), poke_interval=30,
-                                           retries=3, retry_delay=timedelta(seconds=10))
+                                           retries=3, retry_delay=timedelta(seconds=10), **watching)
 
         @task(task_id="record_decision", trigger_rule=TriggerRule.ALL_DONE, retries=2)
         def record_decision() -> dict:
@@ -239,8 +266,12 @@ def build_gate_dag(config: PipelineConfig, gate: str) -> DAG:
             started = (task_instance or {}).get("start_date")
             timed_out = api is not None and not events and not hitl
             outcome = decision_outcome(state, hitl, timed_out)
+            who = who_decided(hitl, task_instance, events)
+            if outcome == WITHDRAWN:
+                who = {"by": "pipeline", "via": "withdrawn", "at": utcnow(),
+                       "note": ((hitl or {}).get("params_input") or {}).get("comment") or ""}
             decided = {"gate": gate, "decision": outcome, "mode": settings.mode, "requested_at": started,
-                       "recorded_at": utcnow(), **who_decided(hitl, task_instance, events)}
+                       "recorded_at": utcnow(), **who}
             if conf.get("version"):
                 ReleaseRegistry.for_config(config).update(conf["version"], approvals={gate: decided})
             notifications.publish(config, f"{config.application} {conf.get('version')}: {gate} {outcome}",
@@ -300,11 +331,12 @@ def approval_tasks(config: PipelineConfig, gate: str, commit, after) -> tuple:
         region_name=config.aws.region,
     )
     wait = AwaitApprovalSensor(
-        task_id="await_approval",
+        task_id=AWAIT_TASK,
         external_dag_id=gate_id,
         external_task_id="decision",
         allowed_states=["success"],
         failed_states=["failed", "upstream_failed"],
+        skipped_states=["skipped"],  # the request was withdrawn (approval_requests)
         deferrable=True,
         poke_interval=5,
         # The gate decides (and times out) first; this only guards against a lost gate run.

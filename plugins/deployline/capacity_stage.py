@@ -7,8 +7,11 @@ import math
 import shutil
 
 from airflow.sdk import TaskGroup, chain, get_current_context
+from airflow.sdk.exceptions import AirflowSkipException
 
 from deployline import aws
+from deployline.approvals import REJECTED, TIMED_OUT
+from deployline.commands import CommandStopped
 from deployline.config import PipelineConfig
 from deployline.environment_tasks import run_environment
 from deployline.load_tests import LoadTestFailed, failure_message, run_load_test, summary_table
@@ -69,6 +72,13 @@ def capacity_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
             @task(task_id=f"load_test_{name}", **config.environments.host_queue())
             def load_test(endpoint: str, commit: dict) -> dict:
                 run_id = get_current_context()["run_id"]
+                registry = ReleaseRegistry.for_config(config)
+
+                def withdrawn() -> str | None:
+                    return exploratory_ended(registry.get(commit["version"]) or {})
+
+                if reason := withdrawn():
+                    _skip_withdrawn(registry, commit, run_id, reason)
                 key = f"{run_id}-capacity-{name}"
                 checkout = GitSource.from_repository(config.repository).checkout(
                     commit["sha"], workspace(config.application, key))
@@ -76,8 +86,10 @@ def capacity_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
                 try:
                     result = run_load_test(name, profile, capacity.locustfile, endpoint,
                                            checkout / config.commit_stage.workdir, reports, capacity.processes,
-                                           env=config.commit_stage.env, logger=log)
+                                           env=config.commit_stage.env, logger=log, stop_when=withdrawn)
                     result.reports = _upload_reports(config, commit["version"], name, result.reports)
+                except CommandStopped as stopped:
+                    _skip_withdrawn(registry, commit, run_id, stopped.reason.removeprefix("was stopped: "))
                 finally:
                     remove_workspace(config.application, key)
                     shutil.rmtree(reports, ignore_errors=True)
@@ -107,6 +119,21 @@ def capacity_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
         peak >> teardown.as_teardown(setups=environment)
         chain(peak, recorded)
     return group
+
+
+def exploratory_ended(record: dict) -> str | None:
+    """The exploratory decision that makes the load tests pointless (rejected, or none in time)."""
+    decided = (record.get("approvals") or {}).get("exploratory") or {}
+    if decided.get("decision") in (REJECTED, TIMED_OUT):
+        by = f" by {decided['by']}" if decided.get("by") not in (None, "", "unknown") else ""
+        return f"exploratory approval {decided['decision'].replace('_', ' ')}{by}: the release cannot go on"
+    return None
+
+
+def _skip_withdrawn(registry: ReleaseRegistry, commit: dict, run_id: str, reason: str):
+    """End this branch of the fan-in at once, with the reason (the teardown still runs)."""
+    registry.stage_skipped(commit["version"], "6-capacity", run_id, f"load tests stopped: {reason}")
+    raise AirflowSkipException(f"load tests stopped: {reason}")
 
 
 def _upload_reports(config: PipelineConfig, version: str, profile: str, files: dict[str, str]) -> dict[str, str]:

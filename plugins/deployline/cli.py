@@ -161,7 +161,7 @@ def _release_first_commit(base: str, home: Path, head: str, aws_endpoint: str) -
             if not any(r["dag_run_id"] == run_id for r in admin.runs(gate_dag)):
                 return None
             state = (admin.task_instances(gate_dag, run_id).get("decision") or {}).get("state")
-            return "waiting" if state in ("awaiting_input", "up_for_reschedule") else None
+            return "waiting" if state in ("deferred", "awaiting_input", "up_for_reschedule") else None
 
         if embedded.wait_until(waiting, 1200, f"{gate} approval of {run_id} to be asked", interval=3) == "ended":
             break

@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from hashlib import sha1
 from pathlib import Path
 
@@ -44,6 +45,10 @@ class CommandFailed(AirflowFailException):
         self.command, self.reason, self.tail = command, reason, tail
         shown = "\n".join(tail) if tail else "(no output)"
         super().__init__(f"command {command!r} {reason}; last output:\n{shown}")
+
+
+class CommandStopped(CommandFailed):
+    """``stop_when`` gave a reason to stop the command (its process group was stopped)."""
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -88,11 +93,14 @@ def run_command(
     env: dict[str, str] | None = None,
     logger: logging.Logger | None = None,
     tail_lines: int = 40,
+    stop_when: Callable[[], str | None] | None = None,
+    stop_check_seconds: float = 5.0,
 ) -> list[str]:
     """Run ``command`` with bash in ``cwd``; every output line goes to ``logger``.
 
     Returns the last ``tail_lines`` lines.  Raises ``CommandFailed`` on a non-zero
-    exit or when ``timeout`` seconds pass (the whole process group is killed then).
+    exit or when ``timeout`` seconds pass (the whole process group is killed then), and
+    ``CommandStopped`` when ``stop_when()``, asked every ``stop_check_seconds``, returns a reason.
     """
     logger = logger or log
     tail: deque[str] = deque(maxlen=tail_lines)
@@ -131,6 +139,24 @@ def run_command(
 
     timer = threading.Timer(timeout, on_timeout)
     timer.start()
+    stopped: list[str] = []
+    finished = threading.Event()
+
+    def watch():
+        while not finished.wait(stop_check_seconds):
+            try:
+                reason = stop_when()
+            except Exception:  # a failed look is no reason to stop the command
+                logger.warning("could not tell whether to stop %r", command, exc_info=True)
+                continue
+            if reason:
+                stopped.append(reason)
+                _kill_group(proc)
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True) if stop_when else None
+    if watcher:
+        watcher.start()
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -143,9 +169,14 @@ def run_command(
         raise
     finally:
         timer.cancel()
+        finished.set()
+        if watcher:
+            watcher.join(timeout=stop_check_seconds + 30)
         marker.unlink(missing_ok=True)
         home.cleanup()
     elapsed = time.monotonic() - started
+    if stopped:
+        raise CommandStopped(command, f"was stopped: {stopped[0]}", list(tail))
     if timed_out.is_set():
         raise CommandFailed(command, f"timed out after {timeout}s", list(tail))
     if code != 0:

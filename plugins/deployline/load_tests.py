@@ -129,14 +129,17 @@ def checks(result: ProfileResult, limits: Thresholds) -> list[Check]:
 
 def run_load_test(name: str, profile: LoadProfile, locustfile: str, host: str, cwd: Path, out_dir: Path,
                   processes: int = 1, env: dict[str, str] | None = None,
-                  logger: logging.Logger | None = None) -> ProfileResult:
-    """Run one profile against ``host``; the reports are written to ``out_dir/<name>*``."""
+                  logger: logging.Logger | None = None, stop_when=None) -> ProfileResult:
+    """Run one profile against ``host``; the reports are written to ``out_dir/<name>*``.
+
+    ``stop_when`` (see ``commands.run_command``) ends the run early with ``CommandStopped``."""
     if not (cwd / locustfile).is_file():
         raise LoadTestFailed(f"capacity.locustfile: {locustfile} does not exist in the repository at this commit")
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / name
     command = shlex.join(locust_command(locustfile, host, profile, prefix, processes))
-    run_command(command, cwd, profile.duration_seconds + OVERHEAD_TIMEOUT, env=env, logger=logger or log)
+    run_command(command, cwd, profile.duration_seconds + OVERHEAD_TIMEOUT, env=env, logger=logger or log,
+                stop_when=stop_when)
     result = judge(name, profile, read_aggregate(Path(f"{prefix}_stats.csv")))
     result.reports = {p.name: str(p) for p in sorted(out_dir.glob(f"{name}*")) if p.is_file()}
     return result

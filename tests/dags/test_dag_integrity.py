@@ -187,9 +187,23 @@ def test_approval_gates(parsed, gate):
     assert dag["access_control"] == {"ReleaseApprover": {"DAG Runs": ["can_create", "can_read"],
                                                          "DAGs": ["can_edit", "can_read"]}}
     tasks = dag["tasks"]
-    assert tasks["decision"]["type"] == "ApprovalOperator"  # the demo config's mode: hitl
+    # The demo config's mode: hitl (Airflow's ApprovalOperator, withdrawn when the run cannot go on).
+    assert tasks["decision"]["type"] == "WithdrawableApprovalOperator"
     assert tasks["record_decision"]["upstream"] == ["decision"]
     assert tasks["record_decision"]["trigger_rule"] == "all_done"
+
+
+def test_the_tasks_that_withdraw_a_request_exist_in_the_pipeline(parsed):
+    from deployline.approvals import AWAIT_TASK, GATE_STAGES, WITHDRAWS
+
+    tasks = parsed["dags"]["sample_service_pipeline"]["tasks"]
+    for gate, stage in GATE_STAGES.items():
+        assert f"{stage}.{AWAIT_TASK}" in tasks
+        assert [t for t in WITHDRAWS.get(gate, ()) if t not in tasks] == []
+    assert WITHDRAWS["exploratory"] and all(t.startswith("6-capacity.") for t in WITHDRAWS["exploratory"])
+    # Every 6-capacity task but the teardown: a failed teardown does not stop the release.
+    assert set(WITHDRAWS["exploratory"]) == {t for t in tasks if t.startswith("6-capacity.")} - {
+        "6-capacity.teardown_environment"}
 
 
 def test_exploratory_stage_asks_and_waits_without_a_worker_slot(parsed):

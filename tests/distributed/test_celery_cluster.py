@@ -79,7 +79,7 @@ def follow(cluster, approver, sha: str, on_running=None, timeout: float = 900) -
             if gate in approved or not any(r["dag_run_id"] == run_id for r in cluster.api.runs(gate_dag)):
                 continue
             decision = cluster.api.task_instances(gate_dag, run_id).get("decision") or {}
-            if decision.get("state") in ("awaiting_input", "up_for_reschedule"):
+            if decision.get("state") in ("deferred", "awaiting_input", "up_for_reschedule"):
                 approver.set_task_state(gate_dag, run_id, "decision", "success", note=f"{gate}: approved on Celery")
                 approved.add(gate)
         run = cluster.api.run(PIPELINE, run_id)

@@ -113,7 +113,7 @@ class E2E:
             if not any(r["dag_run_id"] == run_id for r in self.api.runs(gate_dag)):
                 return None
             ti = self.api.task_instances(gate_dag, run_id).get("decision") or {}
-            return ti if ti.get("state") in ("awaiting_input", "up_for_reschedule") else None
+            return ti if ti.get("state") in ("deferred", "awaiting_input", "up_for_reschedule") else None
 
         embedded.wait_until(waiting, 300, f"{gate} approval of {run_id} to wait", interval=2)
         api.set_task_state(gate_dag, run_id, "decision", decision, note=note)

@@ -18,7 +18,7 @@ ACCEPTANCE = ("3-acceptance.select_inputs", "3-acceptance.provision_environment"
 
 
 GATE = f"{APP}_approve_exploratory"
-WAITING = ("awaiting_input", "up_for_reschedule")  # a Required Action; or a sensor between looks
+WAITING = ("deferred", "awaiting_input", "up_for_reschedule")  # a Required Action; or a sensor between looks
 
 
 def states_of(states, names):

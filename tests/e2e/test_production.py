@@ -107,21 +107,23 @@ def test_full_path_to_production(e2e, first_release):
         (version, 3)]
 
 
-def test_a_missed_capacity_threshold_stops_the_release(e2e, approver, strict_run):
-    pipeline = f"{STRICT_APP}_pipeline"
-    e2e.wait_for_tasks(strict_run, ("6-capacity.load_test_expected",), dag_id=pipeline, timeout=600)
-    # Exploratory approval is given anyway: pre-production and production still never start.
-    gate = f"{STRICT_APP}_approve_exploratory"
-    embedded.wait_until(lambda: e2e.api.task_instances(gate, strict_run).get("decision", {}).get("state")
-                        == "awaiting_input", 300, "the strict gate to wait", interval=2)
-    time.sleep(5)
-    approver.set_task_state(gate, strict_run, "decision", "success", note="Explored anyway")
-    run = e2e.api.wait_for_run(pipeline, strict_run, timeout=300)
+def test_a_missed_capacity_threshold_stops_the_release_and_withdraws_the_approval_request(e2e, strict_run):
+    """Nobody decides: the failed load test ends the run by itself (issue 18: it waited for an
+    exploratory decision that could no longer release anything)."""
+    pipeline, gate = f"{STRICT_APP}_pipeline", f"{STRICT_APP}_approve_exploratory"
+    run = e2e.api.wait_for_run(pipeline, strict_run, timeout=900)
     states = {t: ti["state"] for t, ti in e2e.api.task_instances(pipeline, strict_run).items()}
     assert run["state"] == "failed"
-    assert states["6-capacity.load_test_expected"] == "failed" and states[EXPLORATORY_WAIT] == "success"
+    assert states["6-capacity.load_test_expected"] == "failed" and states[EXPLORATORY_WAIT] == "skipped", states
     assert states["6-capacity.teardown_environment"] == "success"
     assert {states[t] for t in states if t.startswith(("7-", "8-"))} == {"upstream_failed"}, states
+    # The gate says so: its request was answered "withdrawn", with the reason, and nobody decided.
+    gate_run = e2e.api.wait_for_run(gate, strict_run, timeout=300)
+    assert e2e.api.task_instances(gate, strict_run)["decision"]["state"] == "skipped", gate_run
+    hitl = e2e.api.get(f"/dags/{gate}/dagRuns/{strict_run}/taskInstances/decision/-1/hitlDetails")
+    assert hitl["response_received"] and hitl["responded_by_user"] is None
+    assert hitl["params_input"]["comment"].startswith(
+        "Withdrawn: 6-capacity.load_test_expected failed in the pipeline run"), hitl
     record = json.loads(e2e.s3.get_object(Bucket="deployline-e2e", Key=f"{STRICT_APP}/releases/"
                                           f"{e2e.version(e2e.seed)}.json")["Body"].read())
     summary = record["load_tests"]["expected"]
@@ -129,6 +131,9 @@ def test_a_missed_capacity_threshold_stops_the_release(e2e, approver, strict_run
     assert [c["metric"] for c in summary["checks"] if not c["passed"]] == ["throughput_rps"]
     assert record["stages"]["6-capacity"]["result"] == "failed"
     assert "throughput_rps" in record["stages"]["6-capacity"]["error"]
+    decided = record["approvals"]["exploratory"]
+    assert (decided["decision"], decided["by"], decided["via"]) == ("withdrawn", "pipeline", "withdrawn")
+    assert "6-capacity.load_test_expected failed" in decided["note"]
 
 
 @pytest.fixture(scope="module")

@@ -35,24 +35,154 @@ def test_nobody_decided():
         "by": "unknown", "via": "no person (timeout or system)", "at": "", "note": ""}
 
 
+class Run:
+    conf = {"version": "r1-abc", "links": {}}
+
+
+class PipelineStates:
+    """A task instance's ``get_task_states``: the pipeline run's states, as Airflow records them."""
+
+    run_id = "commit__abc"
+
+    def __init__(self, **states):
+        self.states, self.asked = states, []
+
+    def get_task_states(self, dag_id, run_ids, task_ids):
+        self.asked.append((dag_id, run_ids, task_ids))
+        return {self.run_id: {t: self.states.get(t) for t in task_ids}}
+
+
+WATCHED = ["6-capacity.load_test_expected", "6-capacity.load_test_peak"]
+WAIT = "5-exploratory.await_approval"
+
+
 def test_the_sensor_never_decides_by_itself():
-    sensor = AwaitDecisionSensor(task_id="decision", timeout=60, poke_interval=5)
+    sensor = AwaitDecisionSensor(task_id="decision", timeout=60, poke_interval=5, pipeline_dag_id="shop_pipeline",
+                                 wait_task_id=WAIT, watched_task_ids=WATCHED)
     assert sensor.mode == "reschedule"
-
-    class Run:
-        conf = {"version": "r1-abc", "links": {}}
-
-    assert sensor.poke({"dag_run": Run()}) is False
+    ti = PipelineStates(**{WAIT: "deferred", WATCHED[0]: "running"})
+    assert sensor.poke({"dag_run": Run(), "ti": ti}) is False
+    assert ti.asked == [("shop_pipeline", ["commit__abc"], [*WATCHED, WAIT])]
 
 
-def test_a_rejected_decision_fails_the_wait_without_retries():
-    from airflow.sdk.exceptions import AirflowFailException
-    from deployline.approvals import AwaitApprovalSensor
+@pytest.mark.parametrize(("states", "reason"), [
+    ({WATCHED[0]: "failed", WAIT: "deferred"},
+     "6-capacity.load_test_expected failed in the pipeline run: the release cannot go on"),
+    ({WATCHED[1]: "upstream_failed", WAIT: "deferred"}, "6-capacity.load_test_peak upstream_failed"),
+    ({WAIT: "failed"}, "the pipeline run's 5-exploratory.await_approval ended failed: nobody waits"),
+])
+def test_a_request_the_pipeline_run_cannot_use_is_withdrawn(states, reason):
+    from airflow.sdk.exceptions import AirflowSkipException
+    from deployline.approval_requests import withdrawal_reason
 
-    sensor = AwaitApprovalSensor(task_id="await_approval", external_dag_id="shop_approve_production",
-                                 external_task_id="decision", deferrable=True, retries=2)
-    with pytest.raises(AirflowFailException, match="shop_approve_production: the decision was rejected or timed out"):
-        sensor.execute_complete({}, {"status": "failed"})
+    assert reason in withdrawal_reason(states, WATCHED, WAIT)
+    sensor = AwaitDecisionSensor(task_id="decision", timeout=60, poke_interval=5, pipeline_dag_id="shop_pipeline",
+                                 wait_task_id=WAIT, watched_task_ids=WATCHED)
+    with pytest.raises(AirflowSkipException, match=f"withdrawn: {reason}"):
+        sensor.poke({"dag_run": Run(), "ti": PipelineStates(**states)})
+
+
+def test_a_request_still_wanted_stands():
+    from deployline.approval_requests import withdrawal_reason
+
+    assert withdrawal_reason({WATCHED[0]: "success", WATCHED[1]: "running", WAIT: "deferred"}, WATCHED, WAIT) is None
+    assert withdrawal_reason({WAIT: "up_for_retry"}, [], WAIT) is None  # the deferral race's retry
+
+
+class HitlTask(PipelineStates):
+    id = "0199-ti"
+
+
+@pytest.fixture
+def written(monkeypatch):
+    """Answers the task writes to its own HITL detail (the execution API's ti:self)."""
+    import airflow.sdk.execution_time.hitl as sdk_hitl
+
+    answers = []
+    def update(ti_id, chosen_options, params_input):
+        answers.append((ti_id, chosen_options, params_input))
+
+    monkeypatch.setattr(sdk_hitl, "update_hitl_detail_response", update)
+    return answers
+
+
+def operator():
+    from datetime import timedelta
+
+    from deployline.approval_requests import WithdrawableApprovalOperator
+
+    return WithdrawableApprovalOperator(
+        task_id="decision", subject="s", pipeline_dag_id="shop_pipeline", wait_task_id=WAIT, watched_task_ids=WATCHED,
+        response_timeout=timedelta(hours=1), fail_on_reject=True)
+
+
+def test_a_withdrawn_request_is_answered_so_and_skipped(written):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    reason = "6-capacity.load_test_expected failed in the pipeline run: the release cannot go on"
+    with pytest.raises(AirflowSkipException, match=f"withdrawn: {reason}"):
+        operator().execute_complete({"ti": HitlTask()}, {"withdrawn": reason})
+    assert written == [("0199-ti", [], {"comment": f"Withdrawn: {reason}"})]
+
+
+def trigger(**overrides):
+    from datetime import UTC, datetime, timedelta
+
+    from deployline.approval_requests import WithdrawableHITLTrigger
+
+    kwargs = dict(ti_id="0199-ti", options=["Approve", "Reject"], params={}, multiple=False,
+                  timeout_datetime=datetime.now(UTC) + timedelta(hours=1), poke_interval=0.01,
+                  pipeline_dag_id="shop_pipeline", run_id="commit__abc", wait_task_id=WAIT, watched_task_ids=WATCHED)
+    return WithdrawableHITLTrigger(**(kwargs | overrides))
+
+
+def first_event(trigger_):
+    import asyncio
+
+    async def first():
+        async for event in trigger_.run():
+            return event.payload
+
+    return asyncio.run(asyncio.wait_for(first(), 10))
+
+
+def test_the_trigger_survives_serialization_with_what_it_watches():
+    classpath, kwargs = trigger().serialize()
+    assert classpath == "deployline.approval_requests.WithdrawableHITLTrigger"
+    again = trigger(**{k: v for k, v in kwargs.items() if k != "params"})
+    assert (again.pipeline_dag_id, again.run_id, again.wait_task_id, again.watched_task_ids) == (
+        "shop_pipeline", "commit__abc", WAIT, WATCHED)
+
+
+def test_the_trigger_withdraws_when_the_other_branch_fails(monkeypatch):
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    looks = iter([{WATCHED[0]: "running", WAIT: "deferred"}, {WATCHED[0]: "failed", WAIT: "deferred"}])
+    monkeypatch.setattr(RuntimeTaskInstance, "get_task_states",
+                        staticmethod(lambda dag_id, run_ids, task_ids: {run_ids[0]: next(looks)}))
+    waiting = trigger()
+
+    async def no_answer():
+        return None
+
+    monkeypatch.setattr(waiting, "_handle_response", no_answer)
+    assert first_event(waiting) == {
+        "withdrawn": "6-capacity.load_test_expected failed in the pipeline run: the release cannot go on"}
+
+
+def test_an_answer_comes_before_a_withdrawal(monkeypatch):
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+    from airflow.triggers.base import TriggerEvent
+
+    monkeypatch.setattr(RuntimeTaskInstance, "get_task_states", staticmethod(
+        lambda dag_id, run_ids, task_ids: {run_ids[0]: {WATCHED[0]: "failed"}}))
+    answered = trigger()
+
+    async def approve():
+        return TriggerEvent({"chosen_options": ["Approve"]})
+
+    monkeypatch.setattr(answered, "_handle_response", approve)
+    assert first_event(answered) == {"chosen_options": ["Approve"]}
 
 
 COMMIT = {"sha": "0123456789abcdef", "version": "r5-0123456", "author": "Dana Dev", "email": "dana@example.com"}
@@ -88,3 +218,15 @@ def test_a_decision_not_recorded_yet_is_retried():
 
     with pytest.raises(ApprovalNotRecorded):
         approval_problem("exploratory", "success", {}, COMMIT, separate_duties=False)
+
+
+def test_the_load_tests_stop_once_exploratory_ended_without_approval():
+    from deployline.capacity_stage import exploratory_ended
+
+    assert exploratory_ended({}) is None
+    assert exploratory_ended({"approvals": {"exploratory": {"decision": "approved", "by": "erin"}}}) is None
+    assert exploratory_ended({"approvals": {"exploratory": {"decision": "withdrawn"}}}) is None
+    assert exploratory_ended({"approvals": {"exploratory": {"decision": "rejected", "by": "erin"}}}) == (
+        "exploratory approval rejected by erin: the release cannot go on")
+    assert exploratory_ended({"approvals": {"exploratory": {"decision": "timed_out", "by": "unknown"}}}) == (
+        "exploratory approval timed out: the release cannot go on")

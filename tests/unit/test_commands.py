@@ -101,3 +101,32 @@ def test_a_command_sees_none_of_the_workers_secrets(tmp_path, monkeypatch):
     assert not [k for k in seen if k.startswith(("AIRFLOW", "AWS_"))], sorted(seen)
     assert seen["DEPLOYLINE_VERSION"] == "r1-abc" and seen["PATH"]
     assert seen["HOME"] == seen["TMPDIR"] and seen["HOME"] != os.environ.get("HOME")
+
+
+def test_a_command_is_stopped_when_asked_with_the_reason(tmp_path):
+    """The load tests stop once the release was rejected (the other branch of the fan-in)."""
+    import time
+
+    from deployline.commands import CommandStopped
+
+    looks = []
+
+    def rejected_on_the_second_look():
+        looks.append(time.monotonic())
+        return "exploratory approval rejected by erin" if len(looks) >= 2 else None
+
+    started = time.monotonic()
+    with pytest.raises(CommandStopped) as stopped:
+        run_command("echo started; sleep 120 & wait", tmp_path, timeout=300, stop_when=rejected_on_the_second_look,
+                    stop_check_seconds=0.2)
+    assert time.monotonic() - started < 60  # not the 120 s of the command
+    assert "was stopped: exploratory approval rejected by erin" in str(stopped.value)
+    assert stopped.value.tail == ["started"]
+
+
+def test_a_failing_look_does_not_stop_the_command(tmp_path):
+    def broken():
+        raise ConnectionError("S3 is away")
+
+    assert run_command("sleep 1; echo done", tmp_path, timeout=60, stop_when=broken,
+                       stop_check_seconds=0.2) == ["done"]
