@@ -33,15 +33,20 @@ BEFORE_SWITCH, AFTER_SWITCH = "before_switch", "after_switch"
 class RolledBack(RuntimeError):
     """Green failed; production is on blue (or empty, on a first release) and green is gone."""
 
-    def __init__(self, version: str, phase: str, reason: str, restored: str | None):
+    def __init__(self, version: str, phase: str, reason: str, restored: str | None,
+                 switched_at: str | None = None, restored_at: str | None = None):
         self.version, self.phase, self.reason, self.restored = version, phase, reason, restored
+        # After the switch: when the new version began to serve and when the previous one served
+        # again (time to restore); before it, production never served the new version.
+        self.switched_at, self.restored_at = switched_at, restored_at
         back = f"traffic {'stays' if phase == BEFORE_SWITCH else 'went back'} on {restored}" if restored \
             else "no earlier release to return to: production has no release"
         super().__init__(f"{version} rolled back {phase.replace('_', ' ')}: {reason}; {back}")
 
     def to_dict(self) -> dict:
         return {"version": self.version, "phase": self.phase, "reason": self.reason[-2000:],
-                "restored_version": self.restored, "at": utcnow()}
+                "restored_version": self.restored, "at": utcnow(),
+                **({"switched_at": self.switched_at, "restored_at": self.restored_at} if self.switched_at else {})}
 
 
 class Unhealthy(RuntimeError):
@@ -224,6 +229,7 @@ class BlueGreen:
         switching = time.monotonic()
         self.driver.switch(self.spec.application, green.name)
         state["switch_seconds"] = round(time.monotonic() - switching, 3)
+        state["switched_at"] = utcnow()
         self._note("verifying", state)
         self.log.info("switched %s to %s in %.2fs; watching health for %gs", router.endpoint, green.name,
                       state["switch_seconds"], self.settings.verify_seconds)
@@ -238,6 +244,7 @@ class BlueGreen:
         except Exception as exc:
             back = state["blue"] if state["blue"] and self.driver.get(state["blue"]) else None
             self.driver.switch(self.spec.application, back)
+            state["restored_at"] = utcnow() if back else None
             self.log.warning("rolled back: %s serves %s again", router.endpoint,
                              state["blue_version"] if back else "nothing")
             return self._rollback(self._roll_back(state, AFTER_SWITCH, _describe(exc)))
@@ -265,7 +272,9 @@ class BlueGreen:
             return state, Wait(stack=pending)
         self._note("rolled_back", state)
         failed = state["rollback"]
-        raise RolledBack(self.spec.version, failed["phase"], failed["reason"], state["blue_version"])
+        after = failed["phase"] == AFTER_SWITCH
+        raise RolledBack(self.spec.version, failed["phase"], failed["reason"], state["blue_version"],
+                         state.get("switched_at") if after else None, state.get("restored_at") if after else None)
 
     # ------------------------------------------------------------------ helpers
 

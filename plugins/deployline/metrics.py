@@ -9,9 +9,12 @@ numbers.  The definitions are in ``docs/METRICS.md``; in short:
 * *lead time* is per commit: from ``committed_at`` to the deploy that first put it live;
 * a deploy *failed* when it rolled back, or when a later commit (recorded in a later release,
   deployed or not) reverts (``git revert``) one of the commits it put live;
-* *time to restore* runs from a failure to the next successful deploy (for a revert: the deploy
-  that put the revert live), counted in the window that holds the restore; an incident not
-  restored by the window's end is open, its hours counted up to that end.
+* *time to restore* runs from the moment production served a failed change until it served a
+  good version again: for a rollback after the switch, from the switch to the switch back (a
+  rollback before the switch never reached users: 0); for a first release with nothing to go
+  back to, until the next successful deploy; for a revert, until the deploy that put the revert
+  live. Counted in the window that holds the restore; an incident not restored by the window's
+  end is open, its hours counted up to that end.
 """
 
 from __future__ import annotations
@@ -95,6 +98,11 @@ class Deploy:
     at: datetime  # live (deployed) or rolled back
     run_id: str | None
     previous_version: str | None
+    # Rolled back after the switch: when it began to serve and when the previous version served again.
+    switched_at: datetime | None = None
+    restored_at: datetime | None = None
+    phase: str | None = None
+    restored_version: str | None = None
 
     @property
     def revision(self) -> int:
@@ -109,7 +117,9 @@ def deploys(records: list[dict]) -> list[Deploy]:
             at = parse_time(attempt.get("at"))
             if at and attempt.get("result") in (DEPLOYED, ROLLED_BACK):
                 found.append(Deploy(record["version"], attempt["result"], at, attempt.get("run_id"),
-                                    attempt.get("previous_version")))
+                                    attempt.get("previous_version"), parse_time(attempt.get("switched_at")),
+                                    parse_time(attempt.get("restored_at")), attempt.get("phase"),
+                                    attempt.get("restored_version")))
     return sorted(found, key=lambda d: d.at)
 
 
@@ -140,9 +150,10 @@ class Incident:
 
     version: str
     kind: str  # rolled_back | reverted
-    failed_at: datetime
-    restored_at: datetime | None
-    restored_by: str | None
+    failed_at: datetime  # production began to serve the failed change
+    restored_at: datetime | None  # production served a good version again
+    restored_by: str | None  # the version that served then
+    deploy_at: datetime | None = None  # the failed deploy's ``at`` (which deploy failed)
 
     def hours(self, until: datetime) -> float:
         """Hours to restore, or hours open so far as of ``until``."""
@@ -161,9 +172,21 @@ def incidents(records: list[dict]) -> list[Incident]:
     shipped = shipped_commits(records, successful)
     found = []
     for deploy in all_deploys:
-        if deploy.result == ROLLED_BACK:
+        if deploy.result != ROLLED_BACK:
+            continue
+        if deploy.phase == "before_switch" and deploy.restored_version:
+            # Production kept serving the previous version: a failed change that hurt nobody.
+            found.append(Incident(deploy.version, ROLLED_BACK, deploy.at, deploy.at, deploy.restored_version,
+                                  deploy.at))
+        elif deploy.restored_version and (deploy.restored_at or deploy.phase == "after_switch"):
+            # Switched back: restored when the previous version served again (older records: the
+            # rollback's end).
+            found.append(Incident(deploy.version, ROLLED_BACK, deploy.switched_at or deploy.at,
+                                  deploy.restored_at or deploy.at, deploy.restored_version, deploy.at))
+        else:  # nothing to go back to (or an old record): restored by the next successful deploy
             after = next((d for d in successful if d.at > deploy.at), None)
-            found.append(Incident(deploy.version, ROLLED_BACK, deploy.at, after and after.at, after and after.version))
+            found.append(Incident(deploy.version, ROLLED_BACK, deploy.at, after and after.at,
+                                  after and after.version, deploy.at))
     for index, deploy in enumerate(successful):
         shas = [c["sha"] for c in shipped[index]]
 
@@ -177,7 +200,7 @@ def incidents(records: list[dict]) -> list[Incident]:
             continue
         fix = next((successful[later] for later in range(index + 1, len(successful))
                     if any(reverts_this(c) for c in shipped[later])), None)
-        found.append(Incident(deploy.version, "reverted", deploy.at, fix and fix.at, fix and fix.version))
+        found.append(Incident(deploy.version, "reverted", deploy.at, fix and fix.at, fix and fix.version, deploy.at))
     return sorted(found, key=lambda i: i.failed_at)
 
 
@@ -203,7 +226,7 @@ def lead_time(records: list[dict], window: Window) -> dict:
 
 def change_failure_rate(records: list[dict], window: Window) -> dict:
     attempts = [d for d in deploys(records) if d.at in window]
-    failed = {(i.version, i.failed_at) for i in incidents(records)}
+    failed = {(i.version, i.deploy_at) for i in incidents(records)}
     failures = sum(1 for d in attempts if (d.version, d.at) in failed)
     return {"deploys": len(attempts), "failed": failures,
             "rate": failures / len(attempts) if attempts else None}
@@ -260,7 +283,7 @@ def stage_statistics(records: list[dict], window: Window) -> dict:
 
 def daily_deploys(records: list[dict], window: Window) -> list[dict]:
     """One row per day of the window: deploys and failed deploys (for charts)."""
-    failed = {(i.version, i.failed_at) for i in incidents(records)}
+    failed = {(i.version, i.deploy_at) for i in incidents(records)}
     days: dict[date, Counter] = {}
     day = window.start.date()
     while day <= (window.end - timedelta(microseconds=1)).date():

@@ -154,7 +154,8 @@ def production_stage(config: PipelineConfig, commit, candidate, after) -> TaskGr
             ReleaseRegistry.for_config(config).add_deployment(
                 version, {"result": "rolled_back", "started_at": state["started_at"], "at": rollback["at"],
                           "run_id": get_current_context()["run_id"], "phase": rollback["phase"],
-                          "restored_version": rollback["restored_version"]},
+                          "restored_version": rollback["restored_version"],
+                          **{k: rollback[k] for k in ("switched_at", "restored_at") if rollback.get(k)}},
                 rollback=rollback, production={"result": "rolled_back", "at": rollback["at"],
                                                "run_id": get_current_context()["run_id"]})
             notifications.publish(config, f"{config.application} {version}: rolled back", str(error))

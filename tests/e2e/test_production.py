@@ -195,6 +195,15 @@ def test_an_unhealthy_release_rolls_back(e2e, approver, first_release):
     assert "unhealthy" in record["rollback"]["reason"] or "health" in record["rollback"]["reason"]
     assert record["stages"]["8-production"]["result"] == "failed"
     assert not [s for s in environments(e2e).values() if s["stage"] == "production" and s["version"] == version]
+    # Time to restore ends when the previous version serves again, not at the next deploy (DORA).
+    attempt = record["deployments"][-1]
+    restored = insight(e2e, f"/api/applications/{APP}/metrics", days=1)["time_to_restore"]["restored"]
+    incident = next(i for i in restored if i["version"] == version)
+    assert incident["restored_by"] == before["version"]
+    if attempt["phase"] == "after_switch":
+        assert attempt["switched_at"] <= incident["restored_at"] == attempt["restored_at"] <= attempt["at"]
+    else:  # production never served it
+        assert incident["hours"] == 0
 
 
 def insight(e2e, path: str, **params):

@@ -585,3 +585,26 @@ def test_a_single_release():
     # a release built but never deployed
     assert metrics.delivery_metrics("shop", [release(1, "a1", "2024-03-01T09:00:00Z")], week)[
         "deployment_frequency"]["deploys"] == 0
+
+
+def test_a_rollback_restores_when_the_previous_version_serves_again_not_at_the_next_deploy():
+    """Issue 18: production served the previous version again within a second of the rollback,
+    yet time to restore ran until the next deploy. DORA: until production serves a good version."""
+    after_switch = {"result": "rolled_back", "started_at": "2024-03-02T00:50:00Z", "at": "2024-03-02T01:02:00Z",
+                    "run_id": "r", "phase": "after_switch", "restored_version": version(1, "a1"),
+                    "switched_at": "2024-03-02T01:00:00Z", "restored_at": "2024-03-02T01:00:30Z"}
+    before_switch = {"result": "rolled_back", "started_at": "2024-03-03T00:00:00Z", "at": "2024-03-03T00:05:00Z",
+                     "run_id": "s", "phase": "before_switch", "restored_version": version(1, "a1")}
+    records = [
+        release(1, "a1", "2024-03-01T00:00:00Z", deployments=(deployed("2024-03-01T01:00:00Z"),)),
+        release(2, "b2", "2024-03-01T20:00:00Z", deployments=(after_switch,)),
+        release(3, "c3", "2024-03-02T20:00:00Z", deployments=(before_switch,)),
+        release(4, "d4", "2024-03-04T00:00:00Z", deployments=(deployed("2024-03-05T00:00:00Z", version(1, "a1")),)),
+    ]
+    result = metrics.time_to_restore(records, window("2024-03-01", "2024-03-08"))
+    rows = [(i["version"], i["failed_at"], i["restored_at"], i["restored_by"], i["hours"]) for i in result["restored"]]
+    assert rows == [
+        ("r2-b2b2b2b2b2", "2024-03-02T01:00:00+00:00", "2024-03-02T01:00:30+00:00", "r1-a1a1a1a1a1", 0.008),
+        ("r3-c3c3c3c3c3", "2024-03-03T00:05:00+00:00", "2024-03-03T00:05:00+00:00", "r1-a1a1a1a1a1", 0.0)]
+    # Both attempts are still failed changes.
+    assert metrics.change_failure_rate(records, window("2024-03-01", "2024-03-08"))["failed"] == 2
