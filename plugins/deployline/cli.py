@@ -18,7 +18,7 @@ from deployline.config import PROJECT_ROOT, load_pipeline_config
 DEMO_APP = "sample_service"
 
 
-def _banner(base: str, password: str, home: Path, clone: Path, bare: Path, moto: str) -> str:
+def _banner(base: str, password: str, home: Path, clone: Path, bare: Path, moto: str, pid_file: Path) -> str:
     approver, viewer = embedded.password(home, "approver"), embedded.password(home, "viewer")
     return f"""
 Deployline demo is running.
@@ -34,7 +34,8 @@ Push a change and watch a new run start within a minute:
   cd {clone}
   echo "# change" >> README.md && git commit -am "Try the pipeline" && git push
 
-Ctrl-C stops everything this command started, environments and the production address too.
+Ctrl-C stops everything this command started, environments and the production address too
+(from a script: `kill -TERM <make's pid>`, or `kill -INT $(cat {pid_file})`).
 """
 
 
@@ -58,6 +59,10 @@ def demo(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)  # also when started with SIGINT ignored (a background job)
+    # make passes SIGTERM on to this process but not SIGINT: scripts signal this pid instead.
+    pid_file = state / "demo.pid"
+    state.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(f"{os.getpid()}\n")
     try:
         logs = state / "logs"
         print(f"starting moto on 127.0.0.1:{args.moto_port} ...", flush=True)
@@ -83,7 +88,7 @@ def demo(args: argparse.Namespace) -> int:
         print(f"demo repository {bare} at {head[:10]}", flush=True)
         for dag_id in api.dag_ids():
             api.set_paused(dag_id, False)
-        print(_banner(base, password, home, clone, bare, moto), flush=True)
+        print(_banner(base, password, home, clone, bare, moto, pid_file), flush=True)
         if args.auto_approve:
             return _release_first_commit(base, home, head, moto)
         if args.headless:
@@ -101,6 +106,7 @@ def demo(args: argparse.Namespace) -> int:
     finally:
         stack.stop()
         removed = embedded.stop_environments(home)
+        pid_file.unlink(missing_ok=True)
         print(f"stopped: moto and airflow are down; {len(removed)} environment(s) removed.", flush=True)
 
 

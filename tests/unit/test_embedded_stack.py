@@ -183,3 +183,33 @@ def test_the_embedded_moto_makes_the_artifact_store_stacks_bucket_versioned(tmp_
         assert s3.get_bucket_versioning(Bucket="versioned-by-template").get("Status") == "Enabled"
     finally:
         stack.stop(grace=5)
+
+
+def test_scripts_stop_the_demo_through_its_pid_file(tmp_path):
+    """make passes SIGTERM on but not SIGINT (issue 18: `kill -INT` on `make demo` did nothing), so
+    the demo writes its own pid: SIGINT to it stops everything it started, as Ctrl-C does."""
+    import subprocess
+
+    moto_port, api_port = embedded.free_port(), embedded.free_port()
+    env = dict(os.environ, PYTHONPATH=str(embedded.PROJECT_ROOT / "plugins"))
+    demo = subprocess.Popen([sys.executable, "-m", "deployline", "demo", "--state-dir", str(tmp_path / "demo"),
+                             "--moto-port", str(moto_port), "--api-port", str(api_port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    pid_file = tmp_path / "demo" / "demo.pid"
+    try:
+        assert wait_for(lambda: pid_file.exists() and not embedded.port_is_free(moto_port), 120), "moto never came up"
+        assert int(pid_file.read_text()) == demo.pid
+        started = [p.pid for p in psutil.Process(demo.pid).children(recursive=True)]
+        assert started  # moto at least
+        os.kill(int(pid_file.read_text()), signal.SIGINT)
+        output, _ = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+    assert demo.returncode == 0, output
+    assert "stopping ..." in output and "stopped: moto and airflow are down" in output
+    assert not pid_file.exists()
+    assert [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"] == []
+    assert embedded.port_is_free(moto_port)
