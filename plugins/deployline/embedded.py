@@ -188,6 +188,8 @@ def airflow_env(
             "login": "viewer", "password": passwords["viewer"]}),
         "DEPLOYLINE_WORK_DIR": str(home / "deployline"),
         "PYTHONUNBUFFERED": "1",
+        # As deploy/airflow.env: Airflow's .airflowignore matching warns in every task log.
+        "PYTHONWARNINGS": "ignore:GitWildMatchPattern:DeprecationWarning",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         # Airflow's log servers are not started here (start_airflow); should a caller start one,
         # it takes a free port rather than 8793/8794, so two stacks on one machine do not collide.

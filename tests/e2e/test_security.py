@@ -90,3 +90,11 @@ def test_nothing_the_stack_started_listens_beyond_loopback(e2e):
                           for s in sockets if s.status == psutil.CONN_LISTEN]
     assert listening, "no listening socket found: the check would prove nothing"
     assert [entry for entry in listening if entry[2] not in ("127.0.0.1", "::1")] == []
+
+
+def test_task_logs_start_without_the_gitwildmatch_deprecation(e2e):
+    """Issue 18: every task log began with pathspec's GitWildMatchPattern DeprecationWarning (from
+    Airflow's .airflowignore matching); deploy/airflow.env and the embedded stack hide that one."""
+    logs = [p for p in (e2e.home / "logs").rglob("*.log") if "dag_id=" in str(p)]
+    assert logs
+    assert [str(p) for p in logs if "GitWildMatchPattern" in p.read_text(errors="replace")][:3] == []

@@ -198,7 +198,7 @@ def test_compose_and_helm_use_the_shared_airflow_settings(services, helm_values)
     from deployline.embedded_cluster import SETTINGS_FILE, shared_settings
 
     shared = shared_settings()
-    assert shared and all(key.startswith("AIRFLOW__") for key in shared)
+    assert shared and all(key.startswith(("AIRFLOW__", "PYTHON")) for key in shared)
     for name in AIRFLOW_SERVICES:
         assert services[name]["env_file"] == [str(SETTINGS_FILE.relative_to(ROOT))], name
         env = services[name].get("environment") or {}
