@@ -297,5 +297,19 @@ def test_delivery_insight_pages_in_a_browser(e2e, two_releases):
                 text = page.inner_text("body")
                 for expected in texts:
                     assert expected in text, (name, expected)
+            # The pipeline's Releases tab in a 1600 px window shows every column (issue 18: the
+            # Production column was cut off).
+            page.set_viewport_size({"width": 1600, "height": 1000})
+            page.goto(f"{e2e.api.base}/dags/{PIPELINE}/plugin/deployline-releases")
+            page.frame_locator("iframe").get_by_text("Production", exact=True).wait_for(timeout=30_000)
+            tab = next(f for f in page.frames if "/deployline/pipelines/" in f.url
+                       or "/deployline/applications/" in f.url)
+            layout = tab.evaluate("""() => {
+                const heads = [...document.querySelectorAll('table.releases th')];
+                return {width: window.innerWidth, right: heads[heads.length - 1].getBoundingClientRect().right,
+                        last: heads[heads.length - 1].textContent};
+            }""")
+            page.screenshot(path=shots / "dag-releases-tab.png")
+            assert layout["last"] == "Production" and layout["right"] <= layout["width"], layout
         finally:
             browser.close()

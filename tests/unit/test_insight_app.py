@@ -140,3 +140,40 @@ def test_no_user_no_data(s3, registry):
     assert "swagger" in client(s3).get("/docs").text.lower()
     page = api.get("/applications/shop")
     assert page.status_code == 401 and "Not authenticated" in page.text and "r3-abcdef1234" not in page.text
+
+
+def test_the_releases_tab_shows_every_column_in_a_dag_page_frame(s3, registry):
+    """Issue 18: the DAG page's Releases tab cut its Production column off at a 1600 px window.
+    The tab's frame is about 1000 px wide there; the page is laid out in Chromium at that width."""
+    from pathlib import Path
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = Path("/usr/bin/chromium")  # Debian's package (make test installs it as root)
+    if not chromium.exists():
+        pytest.skip(f"{chromium} is not installed")
+    long_message = "Rework the checkout flow so that a cart with many items and coupons is priced once " * 2
+    for revision in range(4, 9):
+        registry.update(f"r{revision}-abcdef1234", commit=COMMIT | {"message": long_message.strip()},
+                        stages={s: {"result": "upstream_failed"} for s in
+                                ("1-baking", "2-commit", "3-acceptance", "5-exploratory", "6-capacity",
+                                 "7-pre-production", "8-production")},
+                        deployments=[{"result": "rolled_back", "at": "2026-11-21T10:00:00+00:00"}])
+    page_html = client(s3).get("/applications/shop").text
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 800})
+            page.set_content(page_html)
+            layout = page.evaluate("""() => {
+                const heads = [...document.querySelectorAll('table.releases th')];
+                return {width: window.innerWidth, scroll: document.documentElement.scrollWidth,
+                        wrap: document.querySelector('.wide').scrollWidth,
+                        wrapWidth: document.querySelector('.wide').clientWidth,
+                        last: heads[heads.length - 1].textContent,
+                        right: heads[heads.length - 1].getBoundingClientRect().right};
+            }""")
+        finally:
+            browser.close()
+    assert layout["last"] == "Production"
+    assert layout["right"] <= layout["width"], layout
+    assert layout["scroll"] <= layout["width"] and layout["wrap"] <= layout["wrapWidth"], layout
