@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import pathspec
 
 INFRASTRUCTURE, APPLICATION, BOTH, NONE = "infrastructure", "application", "both", "none"
+MAX_EARLIER_COMMITS = 200  # earlier commits looked at for infrastructure changes no usable image has
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,14 @@ def describe_change(source, registry, commit: dict, infrastructure_globs: list[s
     kind = BOTH if bake and build else INFRASTRUCTURE if bake else APPLICATION if build else NONE
 
     # What this version releases that no usable release had: the commits since the last usable
-    # build, and when it bakes, since the image it would have reused (back to a rejected image's change).
-    if app_start is None or (bake and image is not None and infra_start is None):
-        oldest = None
-    elif bake and infra_start and infra_start != app_start and source.is_ancestor(infra_start, app_start):
-        oldest = infra_start
-    else:
-        oldest = app_start
+    # build, and, when it bakes, the earlier infrastructure commits no usable image has (those of a
+    # rejected or failed image).
+    included = source.commits_between(app_start, sha)
+    if bake and app_start is not None and infra_start != app_start and (
+            infra_start is None or source.is_ancestor(infra_start, app_start)):
+        spec = pathspec.PathSpec.from_lines("gitignore", infrastructure_globs)
+        earlier = source.commits_between(infra_start, app_start)[:MAX_EARLIER_COMMITS]
+        included += [c for c in earlier if any(spec.match_file(p) for p in source.paths_of(c.sha))]
     paths = sorted(set(app_paths) | set(infrastructure))
-    return Change(Classification(kind, infrastructure, application), paths,
-                  source.commits_between(oldest, sha), (previous or {}).get("version"),
-                  (image or {}).get("version"))
+    return Change(Classification(kind, infrastructure, application), paths, included,
+                  (previous or {}).get("version"), (image or {}).get("version"))

@@ -238,6 +238,13 @@ class GitSource:
             out = self._git("diff", "--name-only", "--no-renames", old, new, cwd=mirror)
         return sorted(line for line in out.splitlines() if line)
 
+    def paths_of(self, sha: str) -> list[str]:
+        """Paths one commit changed (against its first parent; every path of a root commit)."""
+        mirror = self.fetch(sha)
+        out = self._git("diff-tree", "--no-commit-id", "--name-only", "-r", "--root", "-m", "--first-parent",
+                        sha, cwd=mirror)
+        return sorted({line for line in out.splitlines() if line})
+
     def is_ancestor(self, old: str, new: str) -> bool:
         mirror = self.fetch(new)
         try:

@@ -137,3 +137,27 @@ def test_stopped_because_names_the_reason():
     assert stopped_because({"approvals": {"exploratory": {"decision": "approved", "refused": "x"}}}) \
         == "exploratory approval refused"
     assert stopped_because({"stages": {"2-commit": {"result": "failed"}}}) == "2-commit failed"
+
+
+def test_a_bake_lists_only_the_commits_since_the_last_usable_build(world):
+    """Baking against an older image adds no commit that a usable release already had."""
+    repo, registry = world
+    first = released(repo, registry, {"app.py": "1\n", "infrastructure/provision.sh": "a\n"}, "first", 1,
+                     baked=True)
+    image = registry.get(first["version"])["base_image"]
+    released(repo, registry, {"app.py": "2\n"}, "app two", 2, base_image=image | {"baked": False})
+    released(repo, registry, {"app.py": "3\n"}, "app three", 3, base_image=image | {"baked": False})
+    sha = repo.commit({"infrastructure/provision.sh": "b\n"}, "tune provisioning")
+    change = describe_change(GitSource(str(repo.bare), "main"), registry, {"sha": sha, "revision": 4}, INFRA)
+    assert change.classification.kind == "infrastructure"
+    assert [c.message for c in change.included] == ["tune provisioning"]
+
+
+def test_paths_of_one_commit_including_the_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEPLOYLINE_WORK_DIR", str(tmp_path / "work"))
+    repo = Repo(tmp_path / "repo")
+    root = repo.commit({"app.py": "1\n", "infrastructure/provision.sh": "a\n"}, "first")
+    second = repo.commit({"app.py": "2\n", "README.md": "x\n"}, "second")
+    source = GitSource(str(repo.bare), "main")
+    assert source.paths_of(root) == ["app.py", "infrastructure/provision.sh"]
+    assert source.paths_of(second) == ["README.md", "app.py"]
