@@ -5,8 +5,8 @@ is over, yet the gate's Required Action would stay open until someone answered i
 out. ``WithdrawableApprovalOperator`` is Airflow's ``ApprovalOperator`` (the Required Actions
 buttons, marking ``decision``) whose wait also watches the pipeline run: when one of
 ``watched_task_ids`` there failed, or the run's own wait for this decision has ended, it
-answers its request itself ("Withdrawn: <reason>", for the Required Actions page) and ends
-*skipped*. The pipeline's ``await_approval`` then ends skipped too, so the run finishes at once.
+answers its request itself (Reject, with the comment "Withdrawn: <reason>", for the Required
+Actions page) and ends *skipped*. The pipeline's ``await_approval`` then ends skipped too, so the run finishes at once.
 
 It waits deferred, in ``WithdrawableHITLTrigger`` (Airflow's ``HITLTrigger`` plus that look),
 rather than parked in ``awaiting_input``: a parked task cannot look at anything, and waking it
@@ -131,8 +131,9 @@ class WithdrawableApprovalOperator(ApprovalOperator):
     def _withdraw(self, context, reason: str):
         from airflow.sdk.execution_time.hitl import update_hitl_detail_response
 
-        # The request's own answer, so that the Required Actions page says what happened.
-        update_hitl_detail_response(ti_id=context["ti"].id, chosen_options=[],
+        # The request's own answer, so that the Required Actions page says what happened. An answer
+        # names one of the options: "Reject" (not approved), the comment says it was withdrawn.
+        update_hitl_detail_response(ti_id=context["ti"].id, chosen_options=[self.REJECT],
                                     params_input={"comment": f"Withdrawn: {reason}"})
         self.log.info("approval request withdrawn: %s", reason)
         raise AirflowSkipException(f"{WITHDRAWN}: {reason}")

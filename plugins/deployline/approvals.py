@@ -51,8 +51,8 @@ waits for a person with the `{role}` role:
 
 No decision within {hours:g} hours counts as a rejection. When the pipeline run can no
 longer use a decision (a load test failed next to exploratory testing, or the run's own
-wait ended), the request is **withdrawn**: `decision` ends *skipped*, answered "Withdrawn:
-<reason>", and nobody needs to decide. `record_decision` writes the
+wait ended), the request is **withdrawn**: `decision` ends *skipped*, answered Reject with
+the comment "Withdrawn: <reason>", and nobody needs to decide. `record_decision` writes the
 decision, the person, the time and the note to the release record, and a message goes
 to the application's notification topic. The release under decision is described in
 this run's conf (version, commit, images, links).
@@ -114,13 +114,13 @@ def decision_outcome(state: str | None, hitl: dict | None, timed_out: bool) -> s
     The answer comes first: it exists as soon as the person presses the button, while the
     task's own state turns success only once the task has resumed.
     """
+    if state == "skipped":
+        return WITHDRAWN  # the pipeline run could not use a decision any more (approval_requests)
     chosen = (hitl or {}).get("chosen_options")
     if chosen == ["Approve"]:
         return APPROVED
     if chosen == ["Reject"]:
         return REJECTED
-    if state == "skipped":
-        return WITHDRAWN  # the pipeline run could not use a decision any more (approval_requests)
     if state == "success":
         return APPROVED
     return TIMED_OUT if timed_out else REJECTED

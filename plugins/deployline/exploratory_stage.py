@@ -21,9 +21,10 @@ succeeds when `decision` is marked success (approved) and fails when it is marke
 (rejected) or times out ({hours:g} h), which stops the release here.
 
 The fan-in closes at once: when `6-capacity` fails, the gate withdraws its request (its
-`decision` ends *skipped*, answered "Withdrawn: <reason>" on the Required Actions page) and
-`await_approval` ends skipped; when the decision is a rejection (or none comes in time) while
-the load tests run, they stop and `6-capacity` ends skipped with that reason.
+`decision` ends *skipped*, answered Reject with the comment "Withdrawn: <reason>" on the
+Required Actions page) and `await_approval` ends skipped; when the decision is a rejection
+(or none comes in time) while the load tests run, they stop and `6-capacity` ends skipped
+with that reason.
 """
 
 

@@ -121,7 +121,7 @@ def test_a_missed_capacity_threshold_stops_the_release_and_withdraws_the_approva
     gate_run = e2e.api.wait_for_run(gate, strict_run, timeout=300)
     assert e2e.api.task_instances(gate, strict_run)["decision"]["state"] == "skipped", gate_run
     hitl = e2e.api.get(f"/dags/{gate}/dagRuns/{strict_run}/taskInstances/decision/-1/hitlDetails")
-    assert hitl["response_received"] and hitl["responded_by_user"] is None
+    assert hitl["response_received"] and hitl["responded_by_user"] is None and hitl["chosen_options"] == ["Reject"]
     assert hitl["params_input"]["comment"].startswith(
         "Withdrawn: 6-capacity.load_test_expected failed in the pipeline run"), hitl
     record = json.loads(e2e.s3.get_object(Bucket="deployline-e2e", Key=f"{STRICT_APP}/releases/"

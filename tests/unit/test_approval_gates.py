@@ -18,6 +18,8 @@ def test_outcome():
     assert decision_outcome("failed", None, timed_out=False) == REJECTED
     assert decision_outcome("failed", None, timed_out=True) == TIMED_OUT
     assert decision_outcome("upstream_failed", None, timed_out=True) == TIMED_OUT
+    # Withdrawn by the pipeline: the task skipped itself after answering Reject with the reason.
+    assert decision_outcome("skipped", HITL_REJECT | {"responded_by_user": None}, timed_out=False) == "withdrawn"
 
 
 def test_who_answered_the_required_action():
@@ -122,7 +124,8 @@ def test_a_withdrawn_request_is_answered_so_and_skipped(written):
     reason = "6-capacity.load_test_expected failed in the pipeline run: the release cannot go on"
     with pytest.raises(AirflowSkipException, match=f"withdrawn: {reason}"):
         operator().execute_complete({"ti": HitlTask()}, {"withdrawn": reason})
-    assert written == [("0199-ti", [], {"comment": f"Withdrawn: {reason}"})]
+    # An answer must name an option (the Execution API refuses none): Reject, said to be a withdrawal.
+    assert written == [("0199-ti", ["Reject"], {"comment": f"Withdrawn: {reason}"})]
 
 
 def trigger(**overrides):
