@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from airflow.sdk import TaskGroup, chain, get_current_context
+from airflow.sdk import TaskGroup, TriggerRule, chain, get_current_context
 from airflow.sdk.exceptions import AirflowFailException
 
 from deployline import aws
@@ -61,7 +61,11 @@ def preproduction_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
                                   pre_pool=config.preproduction_pool, prod_pool=config.production_pool)
 
         # Retries: the gate's record_decision may still be writing the approval (ApprovalNotRecorded).
-        @task(task_id="check_release_ready", retries=4, retry_delay=timedelta(seconds=15))
+        # The fan-in waits for both branches: ALL_SUCCESS would skip this stage (and end the run as a
+        # success) as soon as 6-capacity is skipped because exploratory was rejected, before that
+        # rejection fails its own branch. A skipped load test is caught below (release_ready).
+        @task(task_id="check_release_ready", retries=4, retry_delay=timedelta(seconds=15),
+              trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
         def check_release_ready(commit: dict) -> None:
             ctx = get_current_context()
             verify_approval(config, "exploratory", commit, ctx["ti"], ctx["run_id"])

@@ -233,7 +233,9 @@ def test_capacity_runs_beside_exploratory_and_always_tears_down(parsed):
 def test_pre_production_is_the_fan_in_of_exploratory_and_capacity(parsed):
     tasks = parsed["dags"]["sample_service_pipeline"]["tasks"]
     entry = tasks["7-pre-production.check_release_ready"]
-    assert entry["trigger_rule"] == "all_success"  # a failure or rejection on either side stops the release
+    # A failure or rejection on either side stops the release; it waits for both sides (all_success
+    # would skip the rest, and end the run as a success, as soon as the load tests stop for a rejection).
+    assert entry["trigger_rule"] == "none_failed_min_one_success"
     assert {"5-exploratory.await_approval", "6-capacity.record_capacity"} <= set(entry["upstream"])
     for name in ("update_environment", "smoke_test"):
         assert tasks[f"7-pre-production.{name}"]["pool"] == "deployline_sample_service_preproduction"

@@ -76,7 +76,7 @@ def test_nothing_the_stack_started_listens_beyond_loopback(e2e):
     import psutil
 
     listening = []
-    for _name, process in e2e.stack.processes():
+    for _name, process in e2e.stack.processes:
         try:
             family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
         except psutil.NoSuchProcess:
