@@ -286,6 +286,17 @@ def build_gate_dag(config: PipelineConfig, gate: str) -> DAG:
     return dag
 
 
+def _record_withdrawn(config: PipelineConfig, gate: str):
+    def record_withdrawn(context) -> None:
+        commit = context["ti"].xcom_pull(task_ids="resolve_commit")
+        if commit:
+            ReleaseRegistry.for_config(config).stage_skipped(
+                commit["version"], GATE_STAGES[gate], context["run_id"],
+                f"{gate} approval request withdrawn: the pipeline run could not use a decision any more")
+
+    return record_withdrawn
+
+
 def approval_tasks(config: PipelineConfig, gate: str, commit, after) -> tuple:
     """``describe_release -> request_approval (+ notify) -> await_approval`` inside a stage's group.
 
@@ -348,6 +359,8 @@ def approval_tasks(config: PipelineConfig, gate: str, commit, after) -> tuple:
         retries=2,
         retry_delay=timedelta(seconds=5),
     )
+    # A withdrawn request skips the wait: the stage ends skipped in the record, with the reason.
+    wait.on_skipped_callback = [_record_withdrawn(config, gate)]
     chain(release, request, [notify, wait])
     after >> wait
     return release, request, wait

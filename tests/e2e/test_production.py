@@ -131,6 +131,8 @@ def test_a_missed_capacity_threshold_stops_the_release_and_withdraws_the_approva
     assert [c["metric"] for c in summary["checks"] if not c["passed"]] == ["throughput_rps"]
     assert record["stages"]["6-capacity"]["result"] == "failed"
     assert "throughput_rps" in record["stages"]["6-capacity"]["error"]
+    assert record["stages"]["5-exploratory"]["result"] == "skipped"  # not left "running"
+    assert "request withdrawn" in record["stages"]["5-exploratory"]["reason"]
     decided = record["approvals"]["exploratory"]
     assert (decided["decision"], decided["by"], decided["via"]) == ("withdrawn", "pipeline", "withdrawn")
     assert "6-capacity.load_test_expected failed" in decided["note"]
