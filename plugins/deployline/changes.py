@@ -42,7 +42,7 @@ class Change:
 
     classification: Classification
     paths: list[str]
-    included: list  # the commits since the older starting point, newest first (sources.Commit)
+    included: list  # commits no usable release had, newest first (sources.Commit)
     previous_version: str | None  # the build an infrastructure-only commit reuses
     image_version: str | None  # the version that baked the image an application-only commit reuses
 
