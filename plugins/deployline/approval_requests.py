@@ -86,9 +86,20 @@ class WithdrawableHITLTrigger(HITLTrigger):
                                  exc_info=True)
                 reason = None
             if reason:
+                await self.answer_withdrawn(reason)
                 yield TriggerEvent({WITHDRAWN: reason})
                 return
             await asyncio.sleep(self.poke_interval)
+
+    async def answer_withdrawn(self, reason: str) -> None:
+        """The request's own answer, so that the Required Actions page says what happened. Written
+        here: a trigger may answer its request (HITLTrigger does for a timeout's defaults), a task's
+        own process may not. An answer names an option: Reject, said to be a withdrawal."""
+        from airflow.sdk.execution_time.hitl import update_hitl_detail_response
+        from asgiref.sync import sync_to_async
+
+        await sync_to_async(update_hitl_detail_response)(
+            ti_id=self.ti_id, chosen_options=["Reject"], params_input={"comment": f"Withdrawn: {reason}"})
 
 
 class WithdrawableApprovalOperator(ApprovalOperator):
@@ -124,16 +135,7 @@ class WithdrawableApprovalOperator(ApprovalOperator):
         )
 
     def execute_complete(self, context, event: dict):
-        if WITHDRAWN in event:
-            self._withdraw(context, event[WITHDRAWN])
+        if WITHDRAWN in event:  # answered by the trigger (WithdrawableHITLTrigger.answer_withdrawn)
+            self.log.info("approval request withdrawn: %s", event[WITHDRAWN])
+            raise AirflowSkipException(f"{WITHDRAWN}: {event[WITHDRAWN]}")
         return super().execute_complete(context, event)
-
-    def _withdraw(self, context, reason: str):
-        from airflow.sdk.execution_time.hitl import update_hitl_detail_response
-
-        # The request's own answer, so that the Required Actions page says what happened. An answer
-        # names one of the options: "Reject" (not approved), the comment says it was withdrawn.
-        update_hitl_detail_response(ti_id=context["ti"].id, chosen_options=[self.REJECT],
-                                    params_input={"comment": f"Withdrawn: {reason}"})
-        self.log.info("approval request withdrawn: %s", reason)
-        raise AirflowSkipException(f"{WITHDRAWN}: {reason}")

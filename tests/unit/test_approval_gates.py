@@ -118,14 +118,12 @@ def operator():
         response_timeout=timedelta(hours=1), fail_on_reject=True)
 
 
-def test_a_withdrawn_request_is_answered_so_and_skipped(written):
+def test_a_withdrawn_request_ends_skipped_with_the_reason():
     from airflow.sdk.exceptions import AirflowSkipException
 
     reason = "6-capacity.load_test_expected failed in the pipeline run: the release cannot go on"
     with pytest.raises(AirflowSkipException, match=f"withdrawn: {reason}"):
         operator().execute_complete({"ti": HitlTask()}, {"withdrawn": reason})
-    # An answer must name an option (the Execution API refuses none): Reject, said to be a withdrawal.
-    assert written == [("0199-ti", ["Reject"], {"comment": f"Withdrawn: {reason}"})]
 
 
 def trigger(**overrides):
@@ -157,7 +155,7 @@ def test_the_trigger_survives_serialization_with_what_it_watches():
         "shop_pipeline", "commit__abc", WAIT, WATCHED)
 
 
-def test_the_trigger_withdraws_when_the_other_branch_fails(monkeypatch):
+def test_the_trigger_withdraws_when_the_other_branch_fails_and_answers_the_request(monkeypatch, written):
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
     looks = iter([{WATCHED[0]: "running", WAIT: "deferred"}, {WATCHED[0]: "failed", WAIT: "deferred"}])
@@ -169,8 +167,11 @@ def test_the_trigger_withdraws_when_the_other_branch_fails(monkeypatch):
         return None
 
     monkeypatch.setattr(waiting, "_handle_response", no_answer)
-    assert first_event(waiting) == {
-        "withdrawn": "6-capacity.load_test_expected failed in the pipeline run: the release cannot go on"}
+    reason = "6-capacity.load_test_expected failed in the pipeline run: the release cannot go on"
+    assert first_event(waiting) == {"withdrawn": reason}
+    # The trigger answers (a task's own process may not): an answer names an option, Reject, said
+    # to be a withdrawal, for the Required Actions page.
+    assert written == [("0199-ti", ["Reject"], {"comment": f"Withdrawn: {reason}"})]
 
 
 def test_an_answer_comes_before_a_withdrawal(monkeypatch):
