@@ -4,9 +4,10 @@
 is over, yet the gate's Required Action would stay open until someone answered it or it timed
 out. ``WithdrawableApprovalOperator`` is Airflow's ``ApprovalOperator`` (the Required Actions
 buttons, marking ``decision``) whose wait also watches the pipeline run: when one of
-``watched_task_ids`` there failed, or the run's own wait for this decision has ended, it
-answers its request itself (Reject, with the comment "Withdrawn: <reason>", for the Required
-Actions page) and ends *skipped*. The pipeline's ``await_approval`` then ends skipped too, so the run finishes at once.
+``watched_task_ids`` there failed, or the run's own wait for this decision has ended, its
+trigger answers the request (Reject, with the comment "Withdrawn: <reason>", for the Required
+Actions page) and the task ends *skipped*. The pipeline's ``await_approval`` then ends skipped
+too, so the run finishes at once.
 
 It waits deferred, in ``WithdrawableHITLTrigger`` (Airflow's ``HITLTrigger`` plus that look),
 rather than parked in ``awaiting_input``: a parked task cannot look at anything, and waking it
