@@ -68,13 +68,28 @@ def _group_file(command: str, cwd: str | Path) -> Path:
     return work_dir() / "commands" / f"{key}.pgid"
 
 
+def process_start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux: /proc/<pid>/stat, field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: count after its end.
+    fields = stat[stat.rindex(")") + 2:].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
 def _stop_leftover(marker: Path, logger: logging.Logger) -> None:
     """Stop the group an earlier try left running: its task was killed before it could."""
     try:
         pgid, started = marker.read_text().split()
         pgid = int(pgid)
-        # The same process still (ids are reused): its start time is the one noted.
-        alive = abs(psutil.Process(pgid).create_time() - float(started)) < 0.01
+        # The same process still (ids are reused): its start time in ticks is the one noted (the
+        # wall-clock create_time moves when the clock is stepped).
+        alive = process_start_ticks(pgid) == int(started)
     except (FileNotFoundError, ValueError, psutil.NoSuchProcess):
         alive = False
     if alive:
@@ -128,7 +143,7 @@ def run_command(
     )
     marker.parent.mkdir(parents=True, exist_ok=True)
     try:  # the group's id and start: a retry after a killed worker stops what is left of it
-        marker.write_text(f"{proc.pid} {psutil.Process(proc.pid).create_time()}")
+        marker.write_text(f"{proc.pid} {process_start_ticks(proc.pid)}")
     except psutil.NoSuchProcess:
         pass  # it has finished already
     timed_out = threading.Event()

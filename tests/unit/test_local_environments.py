@@ -341,3 +341,27 @@ def test_switching_backends_fails_no_client_request(driver, published, root):
     assert results["failures"] == []
     assert results["requests"] >= 300
     assert results["after_switch"] == {"r2-def0123"}
+
+
+def test_a_stepped_clock_does_not_hide_an_environments_processes_from_teardown():
+    """create_time is boot time + ticks, and the boot time moves when the clock is stepped: on a
+    machine whose clock moved by seconds, teardown took live processes for dead and left them
+    running (seen in the e2e suite). The start time in ticks identifies them instead."""
+    import subprocess
+
+    import psutil
+    from deployline.commands import process_start_ticks
+    from deployline.environments import local
+
+    process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        entry = {"pid": process.pid, "create_time": psutil.Process(process.pid).create_time() + 5.0,
+                 "start_ticks": process_start_ticks(process.pid)}
+        assert local._alive(entry)
+        assert not local._alive(entry | {"start_ticks": entry["start_ticks"] + 1})  # another process
+        local._stop([entry])
+        assert process.wait(timeout=10) is not None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -32,7 +32,7 @@ import psutil
 
 import deployline
 from deployline import artifacts
-from deployline.commands import command_environment
+from deployline.commands import command_environment, process_start_ticks
 from deployline.config import LocalDriverSettings
 from deployline.environments.base import (
     EnvironmentDriver,
@@ -403,7 +403,8 @@ class LocalDriver(EnvironmentDriver):
             created = psutil.Process(process.pid).create_time()
         except psutil.Error:
             created = None  # already gone: it shows as dead
-        entry.update(pid=process.pid, create_time=created, command=command)
+        entry.update(pid=process.pid, create_time=created, start_ticks=process_start_ticks(process.pid),
+                     command=command)
         self._write_state(state)  # at once: a crash now still leaves the pid for teardown
 
     def _wait_listening(self, name: str, entries: list[dict]) -> None:
@@ -539,8 +540,15 @@ def _alive(entry: dict) -> bool:
         return False  # ours, and now reaped
     try:
         process = psutil.Process(entry["pid"])
-        # create_time is boot time + ticks; the boot time can move a little when the clock is adjusted.
-        return abs(process.create_time() - entry["create_time"]) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
+        ticks = process_start_ticks(entry["pid"])
+        if entry.get("start_ticks") is not None and ticks is not None:
+            # The kernel's start time in ticks since boot never moves. create_time (boot time +
+            # ticks) does when the clock is stepped: on a machine whose clock was adjusted by
+            # seconds, environments were taken for dead and never stopped.
+            same = ticks == entry["start_ticks"]
+        else:
+            same = abs(process.create_time() - entry["create_time"]) < 1.0
+        return same and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
