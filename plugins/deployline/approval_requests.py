@@ -33,7 +33,9 @@ ENDED = frozenset({"success", "failed", "upstream_failed", "skipped", "removed"}
 
 def withdrawal_reason(states: dict[str, str | None], watched: list[str], wait_task_id: str) -> str | None:
     """Why the request is withdrawn, from the pipeline run's task states (None: it still stands)."""
-    failed = sorted(t for t in watched if states.get(t) in ENDED_BADLY)
+    # The tasks that failed themselves, not those that then could not run (upstream_failed).
+    failed = [t for t in watched if states.get(t) == "failed"] or [
+        t for t in watched if states.get(t) in ENDED_BADLY]
     if failed:
         return f"{', '.join(failed)} {states[failed[0]]} in the pipeline run: the release cannot go on"
     if states.get(wait_task_id) in ENDED:

@@ -84,6 +84,14 @@ def test_a_request_the_pipeline_run_cannot_use_is_withdrawn(states, reason):
         sensor.poke({"dag_run": Run(), "ti": PipelineStates(**states)})
 
 
+def test_the_reason_names_the_task_that_failed_not_those_that_could_not_run():
+    from deployline.approval_requests import withdrawal_reason
+
+    states = {WATCHED[0]: "failed", WATCHED[1]: "upstream_failed", WAIT: "deferred"}
+    assert withdrawal_reason(states, WATCHED, WAIT) == (
+        "6-capacity.load_test_expected failed in the pipeline run: the release cannot go on")
+
+
 def test_a_request_still_wanted_stands():
     from deployline.approval_requests import withdrawal_reason
 
