@@ -271,7 +271,7 @@ def build_gate_dag(config: PipelineConfig, gate: str) -> DAG:
                 who = {"by": "pipeline", "via": "withdrawn", "at": utcnow(),
                        "note": ((hitl or {}).get("params_input") or {}).get("comment") or ""}
             decided = {"gate": gate, "decision": outcome, "mode": settings.mode, "requested_at": started,
-                       "recorded_at": utcnow(), **who}
+                       "recorded_at": utcnow(), "run_id": ti.run_id, **who}
             if conf.get("version"):
                 ReleaseRegistry.for_config(config).update(conf["version"], approvals={gate: decided})
             notifications.publish(config, f"{config.application} {conf.get('version')}: {gate} {outcome}",

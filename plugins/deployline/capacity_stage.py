@@ -75,7 +75,7 @@ def capacity_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
                 registry = ReleaseRegistry.for_config(config)
 
                 def withdrawn() -> str | None:
-                    return exploratory_ended(registry.get(commit["version"]) or {})
+                    return exploratory_ended(registry.get(commit["version"]) or {}, run_id)
 
                 if reason := withdrawn():
                     _skip_withdrawn(registry, commit, run_id, reason)
@@ -121,10 +121,11 @@ def capacity_stage(config: PipelineConfig, commit, candidate) -> TaskGroup:
     return group
 
 
-def exploratory_ended(record: dict) -> str | None:
-    """The exploratory decision that makes the load tests pointless (rejected, or none in time)."""
+def exploratory_ended(record: dict, run_id: str) -> str | None:
+    """The exploratory decision of this run (the gate run has its id) that makes the load tests
+    pointless (rejected, or none in time); a decision of an earlier run of the version is not."""
     decided = (record.get("approvals") or {}).get("exploratory") or {}
-    if decided.get("decision") in (REJECTED, TIMED_OUT):
+    if decided.get("run_id") == run_id and decided.get("decision") in (REJECTED, TIMED_OUT):
         by = f" by {decided['by']}" if decided.get("by") not in (None, "", "unknown") else ""
         return f"exploratory approval {decided['decision'].replace('_', ' ')}{by}: the release cannot go on"
     return None

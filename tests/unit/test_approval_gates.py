@@ -235,10 +235,17 @@ def test_a_decision_not_recorded_yet_is_retried():
 def test_the_load_tests_stop_once_exploratory_ended_without_approval():
     from deployline.capacity_stage import exploratory_ended
 
-    assert exploratory_ended({}) is None
-    assert exploratory_ended({"approvals": {"exploratory": {"decision": "approved", "by": "erin"}}}) is None
-    assert exploratory_ended({"approvals": {"exploratory": {"decision": "withdrawn"}}}) is None
-    assert exploratory_ended({"approvals": {"exploratory": {"decision": "rejected", "by": "erin"}}}) == (
+    run = "commit__abc"
+
+    def decided(**fields):
+        return {"approvals": {"exploratory": {"run_id": run} | fields}}
+
+    assert exploratory_ended({}, run) is None
+    assert exploratory_ended(decided(decision="approved", by="erin"), run) is None
+    assert exploratory_ended(decided(decision="withdrawn"), run) is None
+    assert exploratory_ended(decided(decision="rejected", by="erin"), run) == (
         "exploratory approval rejected by erin: the release cannot go on")
-    assert exploratory_ended({"approvals": {"exploratory": {"decision": "timed_out", "by": "unknown"}}}) == (
+    assert exploratory_ended(decided(decision="timed_out", by="unknown"), run) == (
         "exploratory approval timed out: the release cannot go on")
+    # A rejection in an earlier run of the same version does not stop this run's load tests.
+    assert exploratory_ended(decided(decision="rejected", by="erin"), "manual__again") is None
