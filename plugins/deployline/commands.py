@@ -27,6 +27,26 @@ INHERITED = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
+# What a trusted tool (git, moto) started by Deployline itself sees: the above plus what reaching
+# a server needs (home and its config, proxies, CA bundles, the SSH agent); never the worker's
+# whole environment, which holds Airflow's and AWS's secrets.
+TOOL_INHERITED = INHERITED + (
+    "HOME", "TMPDIR", "USER", "LOGNAME", "XDG_CONFIG_HOME",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "GIT_SSL_CAINFO",
+    "SSH_AUTH_SOCK", "GIT_SSH_COMMAND", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM", "GIT_CONFIG_NOSYSTEM",
+)
+
+
+def tool_environment(env: dict[str, str] | None = None, prefixes: tuple[str, ...] = ()) -> dict[str, str]:
+    """The allow-listed environment of a trusted tool: TOOL_INHERITED, variables starting with one
+    of ``prefixes`` (a tool's own settings, e.g. ``MOTO_``), then ``env``."""
+    base = {key: value for key, value in os.environ.items()
+            if key in TOOL_INHERITED or (prefixes and key.startswith(prefixes))}
+    base.setdefault("PATH", DEFAULT_PATH)
+    return base | (env or {})
+
+
 def command_environment(home: str | Path, env: dict[str, str] | None = None) -> dict[str, str]:
     """The allow-listed environment of a command: INHERITED, HOME and TMPDIR in ``home``, then ``env``."""
     base = {key: os.environ[key] for key in INHERITED if key in os.environ}

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deployline.commands import tool_environment
 from deployline.config import PROJECT_ROOT
 
 SAMPLE_SERVICE = PROJECT_ROOT / "include" / "sample-service"
@@ -72,12 +73,12 @@ DEMO_AUTHOR = ("Deployline Demo", "demo@deployline.invalid")
 
 
 def git(*args: str, cwd: Path | None = None) -> str:
-    env = os.environ | {
+    env = tool_environment({
         "GIT_AUTHOR_NAME": os.environ.get("GIT_AUTHOR_NAME", DEMO_AUTHOR[0]),
         "GIT_AUTHOR_EMAIL": os.environ.get("GIT_AUTHOR_EMAIL", DEMO_AUTHOR[1]),
         "GIT_COMMITTER_NAME": os.environ.get("GIT_COMMITTER_NAME", DEMO_AUTHOR[0]),
         "GIT_COMMITTER_EMAIL": os.environ.get("GIT_COMMITTER_EMAIL", DEMO_AUTHOR[1]),
-    }
+    })
     done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise StackError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
@@ -409,7 +410,7 @@ def start_moto(stack: Stack, port: int, log_path: Path) -> str:
     # moto_server with two gaps to AWS closed: atomic conditional writes, versioned template buckets.
     plugins = os.pathsep.join(p for p in (str(PROJECT_ROOT / "plugins"), os.environ.get("PYTHONPATH")) if p)
     stack.start("moto", [sys.executable, "-m", "deployline.moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                os.environ | AWS_KEYS | {"PYTHONPATH": plugins}, log_path)
+                tool_environment(AWS_KEYS | {"PYTHONPATH": plugins}, prefixes=("MOTO_",)), log_path)
     endpoint = f"http://127.0.0.1:{port}"
     import requests
 

@@ -130,3 +130,28 @@ def test_a_failing_look_does_not_stop_the_command(tmp_path):
 
     assert run_command("sleep 1; echo done", tmp_path, timeout=60, stop_when=broken,
                        stop_check_seconds=0.2) == ["done"]
+
+
+def test_trusted_tools_get_an_allow_listed_environment_too(monkeypatch):
+    """git and moto are Deployline's own tools, yet they need none of the worker's secrets."""
+    from deployline.commands import tool_environment
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "worker-secret")
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "postgresql://u:p@db/airflow")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+    env = tool_environment({"GIT_TERMINAL_PROMPT": "0"}, prefixes=("MOTO_",))
+    assert "AWS_SECRET_ACCESS_KEY" not in env and not [k for k in env if k.startswith("AIRFLOW")]
+    assert env["HTTPS_PROXY"] == "http://proxy:3128" and env["MOTO_EC2_LOAD_DEFAULT_AMIS"] == "false"
+    assert env["GIT_TERMINAL_PROMPT"] == "0" and env["PATH"]
+    assert "MOTO_EC2_LOAD_DEFAULT_AMIS" not in tool_environment()
+
+
+def test_git_sees_none_of_the_workers_secrets(tmp_path, monkeypatch):
+    from deployline.sources import GitSource
+
+    monkeypatch.setenv("DEPLOYLINE_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "worker-secret")
+    # A shell alias prints what git and whatever it runs (hooks, helpers) see.
+    seen = GitSource(str(tmp_path), "main")._git("-c", "alias.showenv=!env", "showenv")
+    assert "PATH=" in seen and "worker-secret" not in seen and "AWS_SECRET_ACCESS_KEY" not in seen
